@@ -1,0 +1,136 @@
+"""Typed payloads at the engine's seams: what to draft with, how to sample, and what a decode measured.
+
+`DraftConfig` travels everywhere (index artefact, Redis cache, HTTP response), so it is a frozen pydantic
+model with a stable `config_id`. `SamplingParams` is per request. `DecodeStats` only collects numbers;
+logging and Prometheus read it elsewhere.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+
+class DraftConfig(BaseModel):
+    """How the model drafts its own tokens. Output is lossless whatever these are: the verify pass
+    always runs the full model, so a config only changes speed."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    enabled: bool = Field(True, description="False turns speculation off: plain decoding, one full pass per token.")
+    skip_attn: tuple[int, ...] = Field((), description="Decoder layers whose attention sub-layer the draft skips.")
+    skip_mlp: tuple[int, ...] = Field((), description="Decoder layers whose MLP sub-layer the draft skips.")
+    max_draft: int = Field(4, ge=1, le=32, description="Most tokens drafted before one verify pass.")
+    confidence: float = Field(
+        0.5, ge=0.0, le=1.0, description="Stop drafting early when the draft's top-1 probability falls below this."
+    )
+
+    @field_validator("skip_attn", "skip_mlp", mode="before")
+    @classmethod
+    def _sorted_unique(cls, v: object) -> tuple[int, ...]:
+        layers = tuple(sorted({int(i) for i in v}))  # type: ignore[union-attr]
+        if any(i < 0 for i in layers):
+            raise ValueError("layer indices must be >= 0")
+        return layers
+
+    @property
+    def config_id(self) -> str:
+        """Short stable id: the same knobs always give the same id (used in metrics and responses)."""
+        if not self.enabled:
+            return "plain"
+        blob = json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()
+        return "ssd-" + hashlib.sha256(blob).hexdigest()[:10]
+
+    def check_layers(self, num_layers: int) -> None:
+        bad = [i for i in self.skip_attn + self.skip_mlp if i >= num_layers]
+        if bad:
+            raise ValueError(f"DraftConfig skips layers {bad} but the model has {num_layers} layers")
+
+    @classmethod
+    def plain(cls) -> DraftConfig:
+        return cls(enabled=False)
+
+
+class SamplingParams(BaseModel):
+    """Per-request decoding parameters. temperature == 0 means greedy."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    max_new_tokens: int = Field(128, ge=1, description="Most tokens generated (fewer at EOS, a stop string, or the context end).")
+    temperature: float = Field(0.0, ge=0.0, le=5.0, description="0 is greedy; above 0 samples from softmax(logits / temperature).")
+    top_p: float = Field(1.0, gt=0.0, le=1.0, description="Nucleus sampling: keep the smallest set of tokens with this much mass.")
+    top_k: int = Field(0, ge=0, description="Keep only the k most likely tokens; 0 keeps all.")
+    seed: int | None = Field(None, description="Seed for sampling; the same seed, prompt and config give the same output.")
+    stop: tuple[str, ...] = Field((), description="Stop strings: generation ends before the first occurrence of any.")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+@dataclass
+class DecodeStats:
+    """Numbers one decode measured. `observe_*` methods collect; exporters only read."""
+
+    prompt_tokens: int = 0
+    new_tokens: int = 0
+    steps: int = 0  # verify passes (speculative) or decode passes (plain)
+    drafted: int = 0
+    accepted: int = 0
+    drafted_by_pos: list[int] = field(default_factory=list)
+    accepted_by_pos: list[int] = field(default_factory=list)
+    time_prefill: float = 0.0
+    time_draft: float = 0.0
+    time_verify: float = 0.0
+    time_other: float = 0.0
+    finish_reason: str = ""
+
+    def observe_step(self, drafted: int, accepted: int) -> None:
+        self.steps += 1
+        self.drafted += drafted
+        self.accepted += accepted
+        while len(self.drafted_by_pos) < drafted:
+            self.drafted_by_pos.append(0)
+            self.accepted_by_pos.append(0)
+        for i in range(drafted):
+            self.drafted_by_pos[i] += 1
+            if i < accepted:
+                self.accepted_by_pos[i] += 1
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.accepted / self.drafted if self.drafted else 0.0
+
+    @property
+    def acceptance_by_pos(self) -> list[float]:
+        return [a / d if d else 0.0 for a, d in zip(self.accepted_by_pos, self.drafted_by_pos)]
+
+    @property
+    def mean_tokens_per_step(self) -> float:
+        """Committed tokens per verify pass (1.0 for plain decoding); the prefill token is not a step."""
+        decoded = max(self.new_tokens - 1, 0)
+        return decoded / self.steps if self.steps else 0.0
+
+    @property
+    def time_total(self) -> float:
+        return self.time_prefill + self.time_draft + self.time_verify + self.time_other
+
+    def to_dict(self) -> dict:
+        return {
+            "prompt_tokens": self.prompt_tokens,
+            "new_tokens": self.new_tokens,
+            "steps": self.steps,
+            "drafted": self.drafted,
+            "accepted": self.accepted,
+            "acceptance_rate": round(self.acceptance_rate, 4),
+            "acceptance_by_pos": [round(x, 4) for x in self.acceptance_by_pos],
+            "mean_tokens_per_step": round(self.mean_tokens_per_step, 4),
+            "time_prefill_s": round(self.time_prefill, 5),
+            "time_draft_s": round(self.time_draft, 5),
+            "time_verify_s": round(self.time_verify, 5),
+            "time_other_s": round(self.time_other, 5),
+            "finish_reason": self.finish_reason,
+        }

@@ -1,0 +1,22 @@
+"""The `knnssd` command line: one root that mounts each stage's commands.
+
+Each stage keeps its commands next to its code; heavy imports (torch, ray) happen inside the
+commands so `knnssd --help` stays instant.
+"""
+
+from __future__ import annotations
+
+import typer
+
+from engine.cli import bench_engine, generate
+
+app = typer.Typer(no_args_is_help=True, add_completion=False, help="KNN-SSD serving.")
+bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks: each runs both sides in one process.")
+app.add_typer(bench_app, name="bench")
+
+app.command("generate")(generate)
+bench_app.command("engine")(bench_engine)
+
+
+def main() -> None:
+    app()
