@@ -1,0 +1,35 @@
+"""Shared fixtures: a real Redis (found or started), the real bundled model loaded once per session."""
+
+from __future__ import annotations
+
+import os
+import uuid
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+
+
+@pytest.fixture(scope="session")
+def redis_url():
+    from services.redis_server import find_or_start_redis
+
+    url, proc = find_or_start_redis(os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0"))
+    yield url
+    if proc is not None:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+@pytest.fixture
+def redis_prefix(redis_url):
+    """A key prefix unique to one test; every key under it is deleted afterwards."""
+    import redis
+
+    prefix = f"test:{uuid.uuid4().hex[:12]}:"
+    yield prefix
+    r = redis.Redis.from_url(redis_url)
+    keys = list(r.scan_iter(match=prefix + "*"))
+    if keys:
+        r.delete(*keys)
