@@ -1,0 +1,243 @@
+"""A lean decoder forward for Llama, Qwen2 and Gemma 3, over weights taken from a transformers model.
+
+Why: in transformers' own modules a SmolLM2 layer issues ~209 aten ops and a pass is dispatch-bound, so
+verifying several tokens is not free. Here each layer is a handful of ops: fused QKV and gate/up
+projections on weights prepacked once for oneDNN, RoPE as one complex multiply (q/k rows are permuted
+to interleaved pairs at load, which leaves q.k unchanged), SDPA over a preallocated position-indexed KV
+cache. `forward` can skip attention and/or MLP sub-layers, which is how the draft runs.
+
+Contract: `LeanModel.forward(tokens, start, skip_attn, skip_mlp) -> logits [M, vocab]`, writing K/V for
+positions start..start+M-1 of every layer whose attention it runs. Positions beyond what the caller
+has committed are simply overwritten later: rejecting draft tokens costs nothing.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+SUPPORTED = ("llama", "qwen2", "gemma3_text", "gemma3")
+
+
+class PackedLinear:
+    """y = x @ W.T (+ b) on a weight prepacked once for oneDNN.
+
+    The packed path keeps small-M matmuls memory-bound (measured here: F.linear at M=4 costs ~2x M=1 per
+    model pass, packed ~1.2x), which is what makes verifying several tokens nearly free.
+    """
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None):
+        self.out_features, self.in_features = weight.shape
+        self.weight = weight.contiguous()  # [out, in], kept for reference and non-packed fallbacks
+        self.bias = None if bias is None else bias.contiguous()
+        self.packed = torch.ops.mkldnn._reorder_linear_weight(self.weight, 1)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:  # x: [M, in] -> [M, out]
+        return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+
+
+@dataclass
+class LayerWeights:
+    attn_norm: torch.Tensor  # [hidden]
+    mlp_norm: torch.Tensor  # [hidden]
+    qkv: PackedLinear  # [(H + 2*Hkv) * D, hidden]
+    o: PackedLinear  # [hidden, H * D]
+    gate_up: PackedLinear  # [2 * inter, hidden]
+    down: PackedLinear  # [hidden, inter]
+    freqs: torch.Tensor  # [max_len, D/2] complex64 RoPE rotations for this layer
+    window: int | None  # sliding-window size (Gemma 3 local layers), None = global
+    # Gemma 3 only
+    post_attn_norm: torch.Tensor | None = None
+    post_mlp_norm: torch.Tensor | None = None
+    q_norm: torch.Tensor | None = None  # [D]
+    k_norm: torch.Tensor | None = None  # [D]
+
+
+def _interleave_perm(d: int) -> torch.Tensor:
+    # HF rotates (x_i, x_{i+d/2}) pairs; complex RoPE wants them adjacent.
+    return torch.stack([torch.arange(d // 2), torch.arange(d // 2) + d // 2], dim=1).flatten()
+
+
+def _permute_heads(w: torch.Tensor, n_heads: int, d: int) -> torch.Tensor:
+    perm = _interleave_perm(d)
+    shape = w.shape
+    return w.reshape(n_heads, d, -1)[:, perm].reshape(shape)
+
+
+class LeanModel:
+    """Holds fused, packed weights and the KV cache; not thread-safe (one decode at a time)."""
+
+    def __init__(self, hf_model: torch.nn.Module, max_seq_len: int = 2048):
+        cfg = hf_model.config
+        cfg = getattr(cfg, "text_config", None) or cfg
+        self.arch = cfg.model_type
+        if self.arch not in SUPPORTED:
+            raise NotImplementedError(f"lean forward supports {SUPPORTED}, not {self.arch!r}")
+        self.gemma = self.arch.startswith("gemma3")
+        base = hf_model.model
+        base = getattr(base, "language_model", base)
+        self.n_layers = cfg.num_hidden_layers
+        self.dim = cfg.hidden_size
+        self.n_heads = cfg.num_attention_heads
+        self.n_kv = cfg.num_key_value_heads
+        self.head_dim = getattr(cfg, "head_dim", None) or self.dim // self.n_heads
+        self.vocab = cfg.vocab_size
+        self.eps = cfg.rms_norm_eps
+        self.context_length = int(getattr(cfg, "max_position_embeddings", max_seq_len))
+        self.max_len = min(max_seq_len, self.context_length)
+        self.scale = (
+            cfg.query_pre_attn_scalar**-0.5 if self.gemma else 1.0 / math.sqrt(self.head_dim)
+        )
+        self.act = (lambda x: F.gelu(x, approximate="tanh")) if self.gemma else F.silu
+        d = self.head_dim
+
+        with torch.no_grad():
+            self.embed = base.embed_tokens.weight.detach().float().contiguous()  # [vocab, hidden]
+            # Gemma scales embeddings by sqrt(hidden), rounded to the weights' dtype as transformers does.
+            self.embed_scale = float(torch.tensor(self.dim**0.5, dtype=torch.float32)) if self.gemma else 1.0
+            self.final_norm = self._norm_weight(base.norm.weight)
+            lm_head = hf_model.get_output_embeddings().weight.detach().float()
+            self.lm_head = PackedLinear(lm_head)
+            freqs_by_type = self._rope_tables(base, cfg)
+            layer_types = getattr(cfg, "layer_types", None) or ["full_attention"] * self.n_layers
+            window = getattr(cfg, "sliding_window", None)
+            self.layers: list[LayerWeights] = []
+            for i, layer in enumerate(base.layers):
+                a, m = layer.self_attn, layer.mlp
+                q_w = _permute_heads(a.q_proj.weight.detach().float(), self.n_heads, d)
+                k_w = _permute_heads(a.k_proj.weight.detach().float(), self.n_kv, d)
+                v_w = a.v_proj.weight.detach().float()
+                bias = None
+                if a.q_proj.bias is not None:
+                    bias = torch.cat([
+                        _permute_heads(a.q_proj.bias.detach().float(), self.n_heads, d),
+                        _permute_heads(a.k_proj.bias.detach().float(), self.n_kv, d),
+                        a.v_proj.bias.detach().float(),
+                    ])
+                ltype = layer_types[i]
+                lw = LayerWeights(
+                    attn_norm=self._norm_weight(layer.input_layernorm.weight),
+                    mlp_norm=self._norm_weight(
+                        layer.pre_feedforward_layernorm.weight if self.gemma else layer.post_attention_layernorm.weight
+                    ),
+                    qkv=PackedLinear(torch.cat([q_w, k_w, v_w]), bias),
+                    o=PackedLinear(a.o_proj.weight.detach().float()),
+                    gate_up=PackedLinear(torch.cat([m.gate_proj.weight.detach().float(), m.up_proj.weight.detach().float()])),
+                    down=PackedLinear(m.down_proj.weight.detach().float()),
+                    freqs=freqs_by_type.get(ltype, freqs_by_type["full_attention"]),
+                    window=window if ltype == "sliding_attention" else None,
+                )
+                if self.gemma:
+                    perm = _interleave_perm(d)
+                    lw.post_attn_norm = self._norm_weight(layer.post_attention_layernorm.weight)
+                    lw.post_mlp_norm = self._norm_weight(layer.post_feedforward_layernorm.weight)
+                    lw.q_norm = self._norm_weight(a.q_norm.weight)[perm].contiguous()
+                    lw.k_norm = self._norm_weight(a.k_norm.weight)[perm].contiguous()
+                self.layers.append(lw)
+        # [layers, 2 (k, v), Hkv, max_len, D]: position-indexed, never cloned or shifted.
+        self.kv = torch.zeros(self.n_layers, 2, self.n_kv, self.max_len, d)
+
+    def _norm_weight(self, w: torch.Tensor) -> torch.Tensor:
+        # Gemma's RMSNorm multiplies by (1 + w): fold the 1 in once.
+        w = w.detach().float()
+        return (w + 1.0 if self.gemma else w).contiguous()
+
+    def _rope_tables(self, base: torch.nn.Module, cfg) -> dict[str, torch.Tensor]:
+        """Complex RoPE rotations per layer type, taken from transformers' own rotary module so every
+        scaling variant (default, linear, llama3, yarn...) matches it exactly."""
+        pos = torch.arange(self.max_len).unsqueeze(0)
+        probe = torch.zeros(1, 1, self.head_dim)
+        tables: dict[str, torch.Tensor] = {}
+        rotary = base.rotary_emb
+        layer_types = sorted(set(getattr(cfg, "layer_types", None) or ["full_attention"]))
+        for ltype in layer_types:
+            try:
+                cos, sin = rotary(probe, pos, layer_type=ltype)
+            except TypeError:
+                local = getattr(base, "rotary_emb_local", None)
+                cos, sin = (local if (ltype == "sliding_attention" and local is not None) else rotary)(probe, pos)
+            half = self.head_dim // 2
+            tables[ltype] = torch.complex(cos[0, :, :half].float(), sin[0, :, :half].float()).contiguous()
+        tables.setdefault("full_attention", next(iter(tables.values())))
+        return tables
+
+    # ---- hot path -------------------------------------------------------------------------------
+
+    def _rms(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:  # x: [..., n], w: [n]
+        return F.rms_norm(x, (x.shape[-1],), w, self.eps)
+
+    def _mask(self, start: int, m: int, window: int | None) -> torch.Tensor | None:
+        """Boolean [M, start+M] mask (True = attend), or None when plain causal-over-cache suffices."""
+        end = start + m
+        if m == 1 and (window is None or end <= window):
+            return None
+        q_pos = torch.arange(start, end).unsqueeze(1)
+        k_pos = torch.arange(end).unsqueeze(0)
+        mask = k_pos <= q_pos
+        if window is not None:
+            mask &= k_pos > q_pos - window
+        return mask
+
+    def forward(
+        self,
+        tokens: torch.Tensor,  # [M] int64
+        start: int,
+        skip_attn: frozenset[int] = frozenset(),
+        skip_mlp: frozenset[int] = frozenset(),
+        last_only: bool = False,
+    ) -> torch.Tensor:  # [M, vocab] (or [1, vocab] with last_only)
+        x = self.hidden(tokens, start, skip_attn, skip_mlp)
+        if last_only:
+            x = x[-1:]
+        return self.lm_head(x)
+
+    def hidden(
+        self,
+        tokens: torch.Tensor,  # [M] int64
+        start: int,
+        skip_attn: frozenset[int] = frozenset(),
+        skip_mlp: frozenset[int] = frozenset(),
+    ) -> torch.Tensor:  # [M, hidden], after the final norm
+        m = tokens.shape[0]
+        assert tokens.dim() == 1 and 0 <= start and start + m <= self.max_len, (tokens.shape, start, self.max_len)
+        x = F.embedding(tokens, self.embed)  # [M, hidden]
+        if self.gemma:
+            x = x * self.embed_scale
+        masks: dict[int | None, torch.Tensor | None] = {}
+        for i, lw in enumerate(self.layers):
+            if i not in skip_attn:
+                if lw.window not in masks:
+                    masks[lw.window] = self._mask(start, m, lw.window)
+                x = x + self._attention(x, lw, i, start, start + m, masks[lw.window])
+            if i not in skip_mlp:
+                y = lw.gate_up(self._rms(x, lw.mlp_norm))  # [M, 2*inter]
+                g, u = y.chunk(2, dim=-1)
+                y = lw.down(self.act(g) * u)  # [M, hidden]
+                if lw.post_mlp_norm is not None:
+                    y = self._rms(y, lw.post_mlp_norm)
+                x = x + y
+        return self._rms(x, self.final_norm)
+
+    def _attention(self, x, lw: LayerWeights, i: int, start: int, end: int, mask) -> torch.Tensor:
+        m = x.shape[0]
+        h_, hk, d = self.n_heads, self.n_kv, self.head_dim
+        qkv = lw.qkv(self._rms(x, lw.attn_norm))  # [M, (H + 2Hkv) * D]
+        qk = qkv[:, : (h_ + hk) * d].reshape(m, h_ + hk, d)
+        if lw.q_norm is not None:
+            qk = torch.cat([self._rms(qk[:, :h_], lw.q_norm), self._rms(qk[:, h_:], lw.k_norm)], dim=1)
+        rot = torch.view_as_complex(qk.reshape(m, h_ + hk, d // 2, 2)) * lw.freqs[start:end].unsqueeze(1)
+        qk = torch.view_as_real(rot).reshape(m, h_ + hk, d)
+        cache = self.kv[i]  # [2, Hkv, max_len, D]
+        cache[0, :, start:end] = qk[:, h_:].transpose(0, 1)
+        cache[1, :, start:end] = qkv[:, (h_ + hk) * d :].reshape(m, hk, d).transpose(0, 1)
+        q = qk[:, :h_].transpose(0, 1).unsqueeze(0)  # [1, H, M, D]
+        k = cache[0, :, :end].unsqueeze(0)  # [1, Hkv, end, D]
+        v = cache[1, :, :end].unsqueeze(0)
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale, enable_gqa=hk != h_)
+        y = lw.o(o[0].transpose(0, 1).reshape(m, h_ * d))  # [M, hidden]
+        if lw.post_attn_norm is not None:
+            y = self._rms(y, lw.post_attn_norm)
+        return y
