@@ -1,0 +1,397 @@
+"""Search one domain's DraftConfig on the real engine: screen cheaply, then measure the best few.
+
+1. Continuations: each screening prompt's greedy continuation, generated once with DraftConfig.plain().
+2. Screening (SWIFT's "matchness"): for a candidate, the teacher-forced fraction of continuation
+   positions where the draft's argmax equals the continuation (`Engine.draft_agreement`), turned into an
+   expected speedup with a cost model of the draft (`proxy_speedup`). Candidates come from optuna's TPE
+   sampler interleaved with sparse random proposals; `budget` candidates in all, seeded.
+3. Measurement (Draft&Verify's objective): the top `n_measure` candidates and plain decoding run on the
+   same prompts, interleaved in each round; a candidate's speedup is the median over (prompt, round) of
+   plain time / its time. The best one wins if it beats `min_speedup`, else the domain gets plain.
+4. A per-layer profile for the plot: agreement when the draft skips only layer i (attention and MLP).
+
+The engine is typed by the `SearchEngine` protocol, so tests drive this with a small fake.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import statistics
+import time
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from engine.config import DecodeStats, DraftConfig, SamplingParams
+
+log = logging.getLogger(__name__)
+
+
+class GenerationLike(Protocol):
+    token_ids: list[int]
+    stats: DecodeStats
+
+
+class SearchEngine(Protocol):
+    """The part of `engine.generate.Engine` the search uses."""
+
+    model_id: str
+    weights_hash: str
+    num_layers: int
+
+    def encode_prompt(self, prompt: str | None = None, messages: list[dict] | None = None) -> list[int]: ...
+
+    def generate(self, ids: list[int], params: SamplingParams, draft: DraftConfig) -> GenerationLike: ...
+
+    def draft_agreement(self, ids: list[int], continuation_ids: list[int], draft: DraftConfig) -> float: ...
+
+
+class PromptLike(Protocol):
+    prompt: str | None
+
+    def messages_list(self) -> list[dict] | None: ...
+
+
+class SearchSettings(BaseModel):
+    """Knobs of one domain's search (all candidates greedy; output is lossless whatever is chosen)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    budget: int = Field(24, ge=1, description="Candidates screened by draft agreement (TPE + random proposals), per domain.")
+    seed: int = Field(0, description="Seed for prompt choice, random proposals and TPE; the same seed reproduces the search.")
+    screen_prompts: int = Field(4, ge=1, description="Prompts whose greedy continuation screens each candidate.")
+    screen_tokens: int = Field(32, ge=2, description="Length of the greedy continuation used for screening.")
+    n_measure: int = Field(3, ge=1, description="Best screened candidates whose tokens/s is measured against plain decoding.")
+    measure_prompts: int = Field(3, ge=1, description="Prompts per domain on which tokens/s is measured.")
+    measure_rounds: int = Field(1, ge=1, description="Interleaved rounds of measurement (each round runs plain and every candidate once per prompt).")
+    max_new_tokens: int = Field(48, ge=2, description="Tokens generated per measured run.")
+    min_speedup: float = Field(1.03, ge=0.0, description="A candidate must measure at least this speedup over plain, or the domain gets plain.")
+    random_fraction: float = Field(0.4, ge=0.0, le=1.0, description="Share of candidates proposed at random (sparse skip sets) rather than by TPE.")
+    protect_first: int = Field(1, ge=0, description="Leading layers never skipped (early layers matter most for drafts).")
+    protect_last: int = Field(1, ge=0, description="Trailing layers never skipped.")
+    max_skip_fraction: float = Field(0.5, gt=0.0, le=1.0, description="Random proposals skip at most this share of the searchable sub-layers.")
+    max_draft_range: tuple[int, int] = Field((2, 8), description="Inclusive range searched for max_draft.")
+    confidence_range: tuple[float, float] = Field((0.0, 0.9), description="Inclusive range searched for the early-stop confidence (step 0.05).")
+    head_cost: float = Field(0.12, ge=0.0, le=1.0, description="Cost model: share of a full pass spent outside decoder layers (embedding, final norm, LM head).")
+    attn_share: float = Field(0.4, ge=0.0, le=1.0, description="Cost model: share of a decoder layer's cost spent in attention (the rest in the MLP).")
+    verify_token_cost: float = Field(0.06, ge=0.0, description="Cost model: extra cost of each additional verified token, as a fraction of a 1-token pass.")
+    calibrate: bool = Field(True, description="Calibrate the cost model's draft-pass cost from one measured speculative run.")
+    layer_profile_prompts: int = Field(2, ge=0, description="Prompts for the per-layer agreement profile (0 disables it).")
+
+
+class Candidate(BaseModel):
+    """One screened candidate."""
+
+    config: DraftConfig = Field(description="The candidate draft configuration.")
+    agreement: float = Field(description="Mean teacher-forced draft agreement over the screening prompts.")
+    proxy: float = Field(description="Expected speedup from agreement and the cost model.")
+    source: str = Field(description="Who proposed it: 'seed', 'random' or 'tpe'.")
+
+
+class Measured(BaseModel):
+    """One candidate measured against plain decoding."""
+
+    config: DraftConfig = Field(description="The measured draft configuration.")
+    speedup: float = Field(description="Median over (prompt, round) of plain time / candidate time.")
+    tokens_per_s: float = Field(description="Median tokens/s of the candidate.")
+    plain_tokens_per_s: float = Field(description="Median tokens/s of plain decoding in the same rounds.")
+    acceptance: float = Field(description="Accepted / drafted tokens over all runs.")
+    mean_accepted_tokens: float = Field(description="Committed tokens per verify pass over all runs.")
+    lossless: bool = Field(description="Whether every run produced exactly plain decoding's tokens.")
+
+
+class DomainResult(BaseModel):
+    """The outcome of one domain's search; the artefact's DomainEntry comes from it."""
+
+    name: str = Field(description="Domain name.")
+    config: DraftConfig = Field(description="Chosen configuration (plain if nothing beat plain).")
+    speedup: float = Field(description="Measured speedup of the chosen configuration (1.0 for plain).")
+    acceptance: float = Field(description="Measured acceptance of the chosen configuration (0.0 for plain).")
+    mean_accepted_tokens: float = Field(description="Measured tokens per verify pass of the chosen configuration (1.0 for plain).")
+    plain_tokens_per_s: float = Field(0.0, description="Median tokens/s of plain decoding during measurement.")
+    draft_cost_scale: float = Field(1.0, description="Calibrated cost of a full-depth draft pass relative to a verify pass.")
+    layer_agreement: list[float] = Field(default_factory=list, description="Agreement when the draft skips only layer i (index = layer).")
+    candidates: list[Candidate] = Field(default_factory=list, description="Every screened candidate, in proposal order.")
+    measured: list[Measured] = Field(default_factory=list, description="The measured candidates.")
+    seconds: float = Field(0.0, description="Wall time of this domain's search.")
+
+
+# ------------------------------------------------------------------------------------------ cost model
+
+
+def draft_cost(cfg: DraftConfig, num_layers: int, s: SearchSettings, scale: float = 1.0) -> float:
+    """Cost of one draft pass relative to a full 1-token pass, from the sub-layers it still runs."""
+    kept = num_layers - s.attn_share * len(cfg.skip_attn) - (1.0 - s.attn_share) * len(cfg.skip_mlp)
+    return scale * (s.head_cost + (1.0 - s.head_cost) * kept / num_layers)
+
+
+def proxy_speedup(alpha: float, gamma: int, cost: float, verify_token_cost: float) -> float:
+    """Expected speedup of drafting `gamma` tokens at per-token acceptance `alpha` (Leviathan et al.):
+    E[tokens per step] = (1 - alpha^(gamma+1)) / (1 - alpha); a step costs gamma drafts + one verify."""
+    alpha = min(max(alpha, 0.0), 1.0)
+    tokens = gamma + 1.0 if alpha >= 1.0 else (1.0 - alpha ** (gamma + 1)) / (1.0 - alpha)
+    step = gamma * cost + 1.0 + verify_token_cost * gamma
+    return tokens / step
+
+
+# ------------------------------------------------------------------------------------------ proposals
+
+
+def searchable_layers(num_layers: int, s: SearchSettings) -> list[int]:
+    return list(range(min(s.protect_first, num_layers), max(num_layers - s.protect_last, 0)))
+
+
+def params_to_config(params: dict[str, Any], layers: Sequence[int]) -> DraftConfig:
+    return DraftConfig(
+        skip_attn=tuple(i for i in layers if params.get(f"attn_{i}", 0)),
+        skip_mlp=tuple(i for i in layers if params.get(f"mlp_{i}", 0)),
+        max_draft=int(params["max_draft"]),
+        confidence=round(float(params["confidence"]), 4),
+    )
+
+
+def random_params(rng: random.Random, layers: Sequence[int], s: SearchSettings) -> dict[str, Any]:
+    """A sparse random proposal: a few sub-layers skipped (dense random sets draft badly)."""
+    subs = [(kind, i) for i in layers for kind in ("attn", "mlp")]
+    top = max(1, int(round(s.max_skip_fraction * len(subs)))) if subs else 0
+    n = rng.randint(1, top) if top else 0
+    chosen = set(rng.sample(subs, n)) if n else set()
+    p: dict[str, Any] = {f"{kind}_{i}": int((kind, i) in chosen) for kind, i in subs}
+    p["max_draft"] = rng.randint(*s.max_draft_range)
+    steps = int(round((s.confidence_range[1] - s.confidence_range[0]) / 0.05))
+    p["confidence"] = round(s.confidence_range[0] + 0.05 * rng.randint(0, steps), 4)
+    return p
+
+
+def seed_params(layers: Sequence[int], s: SearchSettings, n_skip: int) -> dict[str, Any]:
+    """A deterministic starting point: the MLPs of `n_skip` layers spread over the searchable range."""
+    chosen = {layers[int(j * len(layers) / n_skip)] for j in range(n_skip)} if n_skip and layers else set()
+    p: dict[str, Any] = {f"{k}_{i}": 0 for i in layers for k in ("attn", "mlp")}
+    p.update({f"mlp_{i}": 1 for i in chosen})
+    p["max_draft"] = min(max(4, s.max_draft_range[0]), s.max_draft_range[1])
+    p["confidence"] = min(max(0.5, s.confidence_range[0]), s.confidence_range[1])
+    return p
+
+
+# ------------------------------------------------------------------------------------------ the search
+
+
+@dataclass
+class _Prepared:
+    ids: list[int]
+    continuation: list[int]
+
+
+@dataclass
+class _Progress:
+    """Optional rich progress over one domain's steps."""
+
+    description: str
+    total: int
+    enabled: bool
+    _prog: Any = None
+    _task: Any = None
+    done: int = field(default=0)
+
+    def __enter__(self) -> _Progress:
+        if self.enabled:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+            self._prog = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+            self._prog.start()
+            self._task = self._prog.add_task(self.description, total=self.total)
+        return self
+
+    def advance(self, n: int = 1, description: str | None = None) -> None:
+        self.done += n
+        if self._prog is not None:
+            self._prog.update(self._task, advance=n, **({"description": description} if description else {}))
+
+    def __exit__(self, *exc: object) -> None:
+        if self._prog is not None:
+            self._prog.stop()
+
+
+def _median(xs: Sequence[float]) -> float:
+    return float(statistics.median(xs)) if xs else 0.0
+
+
+def search_domain(
+    engine: SearchEngine,
+    name: str,
+    records: Sequence[PromptLike],
+    settings: SearchSettings | None = None,
+    progress: bool = True,
+    clock: Callable[[], float] = time.perf_counter,
+) -> DomainResult:
+    """Search `name`'s DraftConfig over `records` (its prompts) on `engine`."""
+    import optuna
+
+    s = settings or SearchSettings()
+    t0 = clock()
+    if not records:
+        raise ValueError(f"domain {name!r} has no prompts to search on")
+    rng = random.Random(f"{s.seed}:{name}")
+    order = list(range(len(records)))
+    rng.shuffle(order)
+    n_screen = min(s.screen_prompts, len(records))
+    screen_recs = [records[i] for i in order[:n_screen]]
+    measure_recs = [records[i] for i in order[: min(s.measure_prompts, len(records))]]
+    L = int(engine.num_layers)
+    layers = searchable_layers(L, s)
+    plain = DraftConfig.plain()
+    greedy = SamplingParams(max_new_tokens=s.screen_tokens, temperature=0.0)
+
+    total = n_screen + s.budget + L * min(s.layer_profile_prompts, n_screen) + len(measure_recs) * s.measure_rounds * (1 + s.n_measure) + 1
+    with _Progress(f"{name}: continuations", total, progress) as bar:
+        # 1. greedy continuations
+        prepared: list[_Prepared] = []
+        for r in screen_recs:
+            ids = engine.encode_prompt(prompt=r.prompt, messages=r.messages_list())
+            cont = list(engine.generate(ids, greedy, plain).token_ids)
+            prepared.append(_Prepared(ids, cont))
+            bar.advance()
+        prepared = [p for p in prepared if len(p.continuation) >= 2] or prepared
+
+        def agreement(cfg: DraftConfig, preps: Sequence[_Prepared] = prepared) -> float:
+            return statistics.fmean(float(engine.draft_agreement(p.ids, p.continuation, cfg)) for p in preps)
+
+        # calibrate the draft cost from one real speculative run of a cheap, plausible config
+        scale = 1.0
+        if s.calibrate:
+            probe = params_to_config(seed_params(layers, s, max(1, len(layers) // 4)), layers)
+            st = engine.generate(prepared[0].ids, greedy, probe).stats
+            drafted_passes = max(st.drafted, 1)
+            if st.time_draft > 0 and st.time_verify > 0 and st.steps > 0:
+                per_draft = st.time_draft / drafted_passes
+                per_verify = st.time_verify / st.steps
+                raw = per_draft / per_verify / max(draft_cost(probe, L, s), 1e-6)
+                scale = float(min(max(raw, 0.05), 3.0))
+        bar.advance()
+
+        # 2. screening: seeded start points, then TPE interleaved with random proposals
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # optuna's experimental-feature warnings
+            optuna.logging.set_verbosity(optuna.logging.WARNING)
+            sampler = optuna.samplers.TPESampler(seed=s.seed, n_startup_trials=max(4, s.budget // 3))
+            study = optuna.create_study(direction="maximize", sampler=sampler)
+        seen: dict[DraftConfig, Candidate] = {}
+        candidates: list[Candidate] = []
+        seeds = [seed_params(layers, s, n) for n in (max(1, len(layers) // 8), max(1, len(layers) // 4))]
+        attempts = 0
+        while len(candidates) < s.budget and attempts < 4 * s.budget + 8:
+            attempts += 1
+            if seeds:
+                study.enqueue_trial(seeds.pop(0))
+                source = "seed"
+            elif rng.random() < s.random_fraction or len(study.trials) < 2:
+                study.enqueue_trial(random_params(rng, layers, s))
+                source = "random"
+            else:
+                source = "tpe"
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                trial = study.ask()
+                params = {f"{k}_{i}": trial.suggest_int(f"{k}_{i}", 0, 1) for i in layers for k in ("attn", "mlp")}
+                params["max_draft"] = trial.suggest_int("max_draft", *s.max_draft_range)
+                params["confidence"] = trial.suggest_float("confidence", *s.confidence_range, step=0.05)
+            cfg = params_to_config(params, layers)
+            if cfg in seen:  # a repeat: tell TPE the known value, do not spend budget on it
+                study.tell(trial, seen[cfg].proxy)
+                continue
+            a = agreement(cfg)
+            proxy = proxy_speedup(a, cfg.max_draft, draft_cost(cfg, L, s, scale), s.verify_token_cost)
+            cand = Candidate(config=cfg, agreement=round(a, 5), proxy=round(proxy, 5), source=source)
+            seen[cfg] = cand
+            candidates.append(cand)
+            study.tell(trial, proxy)
+            bar.advance(description=f"{name}: screening (best proxy {max(c.proxy for c in candidates):.2f}x)")
+
+        # 3. per-layer profile (for the plot)
+        layer_agreement: list[float] = []
+        n_prof = min(s.layer_profile_prompts, len(prepared))
+        if n_prof:
+            for i in range(L):
+                layer_agreement.append(round(agreement(DraftConfig(skip_attn=(i,), skip_mlp=(i,)), prepared[:n_prof]), 5))
+                bar.advance(n_prof, description=f"{name}: per-layer profile")
+
+        # 4. measurement: plain and the top candidates, interleaved per prompt and round
+        top = sorted(candidates, key=lambda c: (-c.proxy, c.config.config_id))[: s.n_measure]
+        measure_params = SamplingParams(max_new_tokens=s.max_new_tokens, temperature=0.0)
+        m_ids = [engine.encode_prompt(prompt=r.prompt, messages=r.messages_list()) for r in measure_recs]
+        ratios: dict[int, list[float]] = {j: [] for j in range(len(top))}
+        tps: dict[int, list[float]] = {j: [] for j in range(len(top))}
+        plain_tps: list[float] = []
+        agg = {j: [0, 0, 0, 0] for j in range(len(top))}  # drafted, accepted, decoded, steps
+        lossless = {j: True for j in range(len(top))}
+        for rnd in range(s.measure_rounds):
+            for pi, ids in enumerate(m_ids):
+                # rotate plain's slot so neither side always runs first (cache and frequency effects)
+                runs: list[int | None] = [None, *range(len(top))]
+                shift = (rnd + pi) % len(runs)
+                runs = runs[shift:] + runs[:shift]
+                times: dict[int | None, float] = {}
+                tokens: dict[int | None, list[int]] = {}
+                for j in runs:
+                    cfg = plain if j is None else top[j].config
+                    start = clock()
+                    res = engine.generate(ids, measure_params, cfg)
+                    times[j] = max(clock() - start, 1e-9)
+                    tokens[j] = list(res.token_ids)
+                    if j is not None:
+                        st = res.stats
+                        agg[j][0] += st.drafted
+                        agg[j][1] += st.accepted
+                        agg[j][2] += max(st.new_tokens - 1, 0)
+                        agg[j][3] += st.steps
+                    bar.advance(description=f"{name}: measuring")
+                n_plain = max(len(tokens[None]), 1)
+                plain_tps.append(n_plain / times[None])
+                for j in range(len(top)):
+                    lossless[j] &= tokens[j] == tokens[None]
+                    ratios[j].append(times[None] / times[j])
+                    tps[j].append(max(len(tokens[j]), 1) / times[j])
+
+    measured = [
+        Measured(
+            config=top[j].config,
+            speedup=round(_median(ratios[j]), 4),
+            tokens_per_s=round(_median(tps[j]), 3),
+            plain_tokens_per_s=round(_median(plain_tps), 3),
+            acceptance=round(agg[j][1] / agg[j][0], 4) if agg[j][0] else 0.0,
+            mean_accepted_tokens=round(agg[j][2] / agg[j][3], 4) if agg[j][3] else 0.0,
+            lossless=lossless[j],
+        )
+        for j in range(len(top))
+    ]
+    for m in measured:
+        if not m.lossless:
+            log.warning("domain %s: config %s changed greedy output; disqualified", name, m.config.config_id)
+    ok = [m for m in measured if m.lossless and m.speedup >= s.min_speedup and math.isfinite(m.speedup)]
+    best = max(ok, key=lambda m: (m.speedup, m.config.config_id), default=None)
+    common = dict(
+        name=name,
+        plain_tokens_per_s=round(_median(plain_tps), 3),
+        draft_cost_scale=round(scale, 4),
+        layer_agreement=layer_agreement,
+        candidates=candidates,
+        measured=measured,
+        seconds=round(clock() - t0, 3),
+    )
+    if best is None:
+        return DomainResult(config=plain, speedup=1.0, acceptance=0.0, mean_accepted_tokens=1.0, **common)
+    return DomainResult(
+        config=best.config, speedup=best.speedup, acceptance=best.acceptance, mean_accepted_tokens=best.mean_accepted_tokens, **common
+    )
+
+
+def load_engine(model: str) -> SearchEngine:
+    """The real engine (imported here so the search logic needs no torch model to import)."""
+    from engine.generate import Engine
+
+    return Engine.load(model)
