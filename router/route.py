@@ -9,8 +9,9 @@ in a new version meanwhile.
 
 from __future__ import annotations
 
+import contextlib
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -43,8 +44,29 @@ def _content_text(content: Any) -> str:
     return str(content)
 
 
+@contextlib.contextmanager
+def torch_threads(n: int | None) -> Iterator[None]:
+    """Run the block with `n` torch intra-op threads. torch (OpenMP, MKL) keeps this setting per OS thread,
+    so other threads (an engine decoding beside the router) are not affected; restored on exit."""
+    if n is None:
+        yield
+        return
+    import torch
+
+    prev = torch.get_num_threads()
+    if prev == n:
+        yield
+        return
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(prev)
+
+
 def routing_text(prompt: str | None = None, messages: Sequence[Mapping[str, Any] | Any] | None = None) -> str:
-    """The text that is embedded: the prompt, or a chat's user turns joined by newlines.
+    """The text that is embedded: the prompt, or a chat's user turns joined by blank lines (as the
+    index build embeds corpus chats, `index.corpus.Record.text`).
 
     A chat with no user turn (unusual) routes on all its turns. Messages may be dicts or objects with
     `role` and `content` attributes (pydantic request models).
@@ -58,7 +80,7 @@ def routing_text(prompt: str | None = None, messages: Sequence[Mapping[str, Any]
     user = [_content_text(get(m, "content")) for m in messages if get(m, "role") == "user"]
     if not user:
         user = [_content_text(get(m, "content")) for m in messages]
-    return "\n".join(user)
+    return "\n\n".join(user)
 
 
 def vote(sims: Sequence[float], labels: Sequence[str]) -> tuple[str, float]:
@@ -200,7 +222,8 @@ class Router:
     def decide_local(self, text: str, art: Artefact) -> RouteDecision:
         """Embed and search the local index (no Redis)."""
         t0 = time.perf_counter()
-        vec = np.ascontiguousarray(self.embedder.embed([text]), dtype=np.float32)  # [1, dim]
+        with torch_threads(self.config.embed_threads):
+            vec = np.ascontiguousarray(self.embedder.embed([text]), dtype=np.float32)  # [1, dim]
         t1 = time.perf_counter()
         assert vec.shape == (1, art.index.d), f"embedding shape {vec.shape} != (1, {art.index.d})"
         k = min(self.config.k, art.index.ntotal)

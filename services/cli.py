@@ -9,6 +9,7 @@ from __future__ import annotations
 import typer
 
 from engine.cli import bench_engine, generate
+from router.bench import bench_route
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="KNN-SSD serving.")
 bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks: each runs both sides in one process.")
@@ -16,6 +17,7 @@ app.add_typer(bench_app, name="bench")
 
 app.command("generate")(generate)
 bench_app.command("engine")(bench_engine)
+bench_app.command("route")(bench_route)
 
 
 def main() -> None:

@@ -142,7 +142,7 @@ def test_routing_text_uses_user_turns():
         {"role": "assistant", "content": "ok"},
         {"role": "user", "content": [{"type": "text", "text": "second"}, {"type": "image_url", "image_url": {}}]},
     ]
-    assert routing_text(messages=msgs) == "first\nsecond"
+    assert routing_text(messages=msgs) == "first\n\nsecond"
     assert routing_text("plain prompt") == "plain prompt"
     assert routing_text(messages=[{"role": "system", "content": "only system"}]) == "only system"
 
