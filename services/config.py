@@ -1,0 +1,216 @@
+"""Deployable configuration: pydantic models with a description on every field, loadable from YAML.
+
+`AppConfig.from_yaml(path)` reads a config file (unknown keys are errors, so typos surface);
+`AppConfig.serve_config()` produces the Ray Serve config (the shape `serve deploy` and a KubeRay
+`serveConfigV2` take: `applications: [{name, route_prefix, import_path, args, deployments: [...]}]`),
+with per-deployment overrides from `deployments`. The Serve builder at `serve.import_path` receives the
+whole AppConfig as `args["config"]`, so one file drives both the app and its scaling.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class _Config(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class AutoscalingSettings(_Config):
+    """Ray Serve autoscaling for one deployment (a subset of Serve's AutoscalingConfig)."""
+
+    min_replicas: int = Field(1, ge=0, description="Fewest replicas kept running (0 allows scale to zero).")
+    max_replicas: int = Field(4, ge=1, description="Most replicas the autoscaler starts.")
+    target_ongoing_requests: float = Field(
+        2.0, gt=0, description="Ongoing requests per replica the autoscaler aims for; more scales up."
+    )
+    upscale_delay_s: float | None = Field(None, ge=0, description="Seconds of sustained load before scaling up.")
+    downscale_delay_s: float | None = Field(None, ge=0, description="Seconds of low load before scaling down.")
+
+    @model_validator(mode="after")
+    def _order(self) -> AutoscalingSettings:
+        if self.max_replicas < self.min_replicas:
+            raise ValueError("max_replicas must be >= min_replicas")
+        return self
+
+
+class RayActorOptions(_Config):
+    """Resources each replica actor reserves."""
+
+    num_cpus: float = Field(1.0, ge=0, description="CPUs reserved per replica.")
+    num_gpus: float = Field(0.0, ge=0, description="GPUs reserved per replica (1 for GPU model replicas).")
+
+
+class DeploymentSettings(_Config):
+    """Scaling and resources of one Serve deployment."""
+
+    name: str = Field(description="Deployment name in the Serve app (the builder uses the same name).")
+    num_replicas: int | None = Field(1, ge=1, description="Fixed replica count; ignored when autoscaling is set.")
+    autoscaling_config: AutoscalingSettings | None = Field(
+        None, description="Autoscale between min and max replicas instead of a fixed count."
+    )
+    max_ongoing_requests: int = Field(8, ge=1, description="Most requests one replica handles at once.")
+    max_queued_requests: int = Field(
+        -1, ge=-1, description="Requests queued per caller before 503 (back-pressure); -1 for no limit."
+    )
+    ray_actor_options: RayActorOptions = Field(
+        default_factory=RayActorOptions, description="Resources reserved by each replica."
+    )
+
+    def serve_options(self) -> dict[str, Any]:
+        """Keyword arguments for `serve.deployment(...)` / `.options(...)`, and the Serve config entry."""
+        out: dict[str, Any] = {
+            "name": self.name,
+            "max_ongoing_requests": self.max_ongoing_requests,
+            "ray_actor_options": self.ray_actor_options.model_dump(),
+        }
+        if self.max_queued_requests != -1:
+            out["max_queued_requests"] = self.max_queued_requests
+        if self.autoscaling_config is not None:
+            out["autoscaling_config"] = self.autoscaling_config.model_dump(exclude_none=True)
+        else:
+            out["num_replicas"] = self.num_replicas or 1
+        return out
+
+
+class DeploymentsConfig(_Config):
+    """The three deployments of the app."""
+
+    gateway: DeploymentSettings = Field(
+        default_factory=lambda: DeploymentSettings(
+            name="Gateway", max_ongoing_requests=64, ray_actor_options=RayActorOptions(num_cpus=0.25)
+        ),
+        description="FastAPI ingress: auth, limits, OpenAI schema.",
+    )
+    router: DeploymentSettings = Field(
+        default_factory=lambda: DeploymentSettings(
+            name="Router", max_ongoing_requests=32, ray_actor_options=RayActorOptions(num_cpus=0.25)
+        ),
+        description="Embeds prompts and picks the draft config by KNN over the index.",
+    )
+    replica: DeploymentSettings = Field(
+        default_factory=lambda: DeploymentSettings(
+            name="ModelReplica", max_ongoing_requests=4, ray_actor_options=RayActorOptions(num_cpus=1)
+        ),
+        description="Model replicas, one engine each (set num_gpus: 1 on GPU nodes).",
+    )
+
+
+class HttpConfig(_Config):
+    host: str = Field("127.0.0.1", description="Address the HTTP proxy binds (0.0.0.0 in containers).")
+    port: int = Field(8000, ge=1, le=65535, description="HTTP port.")
+    max_body_bytes: int = Field(1_000_000, ge=1024, description="Largest request body accepted; larger gets 413.")
+
+
+class LimitsConfig(_Config):
+    default_rpm: int = Field(120, ge=0, description="Requests per window for tenants without their own; 0 = unlimited.")
+    default_tpm: int = Field(
+        200_000, ge=0, description="Tokens (prompt + completion) per window for tenants without their own; 0 = unlimited."
+    )
+    window_s: float = Field(60.0, gt=0, description="Sliding window length in seconds (60 for per-minute limits).")
+    fail_open: bool = Field(True, description="When Redis is unreachable, admit requests (and count it) instead of 503.")
+
+
+class GenerationConfig(_Config):
+    default_max_tokens: int = Field(128, ge=1, description="max_tokens when a request leaves it out.")
+    max_tokens_limit: int = Field(2048, ge=1, description="Largest max_tokens a request may ask for (400 above).")
+
+
+class ServeAppConfig(_Config):
+    name: str = Field("knnssd", description="Serve application name.")
+    route_prefix: str = Field("/", description="HTTP route prefix of the application.")
+    import_path: str = Field(
+        "services.app:build_app", description="Builder `module:function` Serve calls with `args` to build the app."
+    )
+    runtime_env: dict[str, Any] = Field(
+        default_factory=dict, description="Ray runtime_env for the application (env_vars, pip, working_dir...)."
+    )
+
+
+def _env_redis_url() -> str:
+    return os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
+
+
+class AppConfig(_Config):
+    """Everything one deployment of the service needs."""
+
+    model: str = Field("smollm2", description="Served model name (what requests put in `model`).")
+    model_path: str | None = Field(
+        None, description="Hugging Face model directory or GGUF file; None loads the bundled model named by `model`."
+    )
+    index_path: str | None = Field(None, description="Index artefact directory; None uses the bundled default index.")
+    redis_url: str = Field(default_factory=_env_redis_url, description="Redis URL (default: $REDIS_URL or localhost).")
+    redis_prefix: str = Field("knnssd:", description="Prefix of every Redis key the service writes.")
+    redis_timeout_s: float = Field(0.25, gt=0, description="Socket timeout of Redis calls on the request path.")
+    tenants_file: str | None = Field(None, description="YAML file of tenants (hashed keys); Redis tenants also apply.")
+    tenant_cache_s: float = Field(
+        10.0, ge=0, description="Seconds a gateway replica trusts a validated key (removals take this long to apply)."
+    )
+    http: HttpConfig = Field(default_factory=HttpConfig, description="HTTP listener and body limit.")
+    limits: LimitsConfig = Field(default_factory=LimitsConfig, description="Default per-tenant rate limits.")
+    generation: GenerationConfig = Field(default_factory=GenerationConfig, description="Defaults and caps for generation.")
+    deployments: DeploymentsConfig = Field(
+        default_factory=DeploymentsConfig, description="Scaling and resources of gateway, router and replicas."
+    )
+    serve: ServeAppConfig = Field(default_factory=ServeAppConfig, description="How the Serve application is named and built.")
+
+    @classmethod
+    def from_yaml(cls, path: str | os.PathLike[str]) -> AppConfig:
+        data = yaml.safe_load(Path(path).read_text()) or {}
+        if not isinstance(data, dict):
+            raise ValueError(f"{path}: the config must be a YAML mapping, got {type(data).__name__}")
+        return cls.model_validate(data)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str] | None = None) -> AppConfig:
+        """From YAML when a path is given, else the defaults."""
+        return cls.from_yaml(path) if path else cls()
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+    def serve_applications(self) -> list[dict[str, Any]]:
+        """The `applications` list of a Serve config (one application)."""
+        app: dict[str, Any] = {
+            "name": self.serve.name,
+            "route_prefix": self.serve.route_prefix,
+            "import_path": self.serve.import_path,
+            "args": {"config": self.model_dump(mode="json")},
+            "deployments": [d.serve_options() for d in self.deployment_list()],
+        }
+        if self.serve.runtime_env:
+            app["runtime_env"] = self.serve.runtime_env
+        return [app]
+
+    def serve_config(self) -> dict[str, Any]:
+        """A whole Serve config: for `serve deploy FILE`, or under a RayService's `serveConfigV2`."""
+        return {
+            "proxy_location": "EveryNode",
+            "http_options": {"host": self.http.host, "port": self.http.port},
+            "applications": self.serve_applications(),
+        }
+
+    def redis_client(self):
+        """A Redis client for request-path calls: short timeouts and no retries, because every caller on
+        that path degrades at once (limits fail open, usage is skipped, routing goes local) rather than
+        waiting; redis-py's default retries would stall a request ~4 s per call while Redis is down."""
+        import redis
+        from redis.backoff import NoBackoff
+        from redis.retry import Retry
+
+        return redis.Redis.from_url(
+            self.redis_url,
+            socket_timeout=self.redis_timeout_s,
+            socket_connect_timeout=self.redis_timeout_s,
+            retry=Retry(NoBackoff(), 0),
+            health_check_interval=30,
+        )
+
+    def deployment_list(self) -> list[DeploymentSettings]:
+        d = self.deployments
+        return [d.gateway, d.router, d.replica]

@@ -1,0 +1,268 @@
+"""Service errors: small classes carrying HTTP status and the OpenAI error fields, mapped to HTTP in one place.
+
+Anything the gateway refuses is raised as a `ServiceError` subclass; `install_error_handlers(app)` is the
+only code that turns errors (ours, FastAPI's validation errors, malformed JSON, routing 404/405, and any
+unexpected exception) into the OpenAI envelope `{"error": {"message", "type", "param", "code"}}`.
+`to_service_error(exc)` maps exceptions raised on the model side (the engine's `PromptTooLongError`, Ray
+Serve's back-pressure errors, errors wrapped by Ray) without importing the engine or Ray here.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import sys
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+log = logging.getLogger(__name__)
+
+
+class ServiceError(Exception):
+    """Base class: `status` is the HTTP status, `type`/`code`/`param` the OpenAI error fields."""
+
+    status: int = 500
+    type: str = "server_error"
+    code: str | None = None
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        param: str | None = None,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        if code is not None:
+            self.code = code
+        self.headers = dict(headers or {})
+
+    def __reduce__(self):  # keep param/code/headers when pickled across Ray processes
+        return (_rebuild, (type(self), self.message, self.param, self.code, self.headers, self.__dict__))
+
+    def envelope(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+    def response(self) -> JSONResponse:
+        return JSONResponse(self.envelope(), status_code=self.status, headers=self.headers or None)
+
+
+def _rebuild(cls, message, param, code, headers, state):
+    err = cls.__new__(cls)
+    Exception.__init__(err, message)
+    err.__dict__.update(state)
+    err.message, err.param, err.code, err.headers = message, param, code, headers
+    return err
+
+
+class InvalidRequest(ServiceError):
+    status, type, code = 400, "invalid_request_error", None
+
+
+class PromptTooLong(InvalidRequest):
+    code = "context_length_exceeded"
+
+
+class Unauthorized(ServiceError):
+    status, type, code = 401, "invalid_request_error", "invalid_api_key"
+
+
+class NotFound(ServiceError):
+    status, type, code = 404, "invalid_request_error", "not_found"
+
+
+class MethodNotAllowed(ServiceError):
+    status, type, code = 405, "invalid_request_error", "method_not_allowed"
+
+
+class PayloadTooLarge(ServiceError):
+    status, type, code = 413, "invalid_request_error", "payload_too_large"
+
+
+class RateLimited(ServiceError):
+    """429. `kind` is "requests" or "tokens" (OpenAI puts the exhausted limit in `type`)."""
+
+    status, code = 429, "rate_limit_exceeded"
+
+    def __init__(self, message: str, *, kind: str = "requests", retry_after_s: float = 1.0, **kw: Any) -> None:
+        super().__init__(message, **kw)
+        self.type = kind
+        self.retry_after_s = retry_after_s
+        self.headers.setdefault("retry-after", str(max(1, math.ceil(retry_after_s))))
+        self.headers.setdefault("retry-after-ms", str(max(1, math.ceil(retry_after_s * 1000))))
+
+
+class InternalError(ServiceError):
+    status, type, code = 500, "server_error", "internal_error"
+
+
+class ServiceUnavailable(ServiceError):
+    status, type, code = 503, "server_error", "service_unavailable"
+
+
+# Ray Serve raises these when no replica can take a request (queue full / deployment gone).
+_UNAVAILABLE_NAMES = {"BackPressureError", "DeploymentUnavailableError", "ActorUnavailableError"}
+
+
+def to_service_error(exc: BaseException) -> ServiceError | None:
+    """Map an exception from the model side to a `ServiceError`, or None when it is unexpected (-> 500).
+
+    Ray re-raises a deployment's exception as a `RayTaskError` whose `.cause` is the original, so the cause
+    is looked at first. The engine's `PromptTooLongError` (a ValueError with `.prompt_tokens`/`.limit`) is
+    recognised by class when the engine is loaded in this process, else by those attributes.
+    """
+    cause = getattr(exc, "cause", None)
+    if isinstance(cause, BaseException) and cause is not exc:
+        mapped = to_service_error(cause)
+        if mapped is not None:
+            return mapped
+    if isinstance(exc, ServiceError):
+        return exc
+    if _is_prompt_too_long(exc):
+        tokens, limit = getattr(exc, "prompt_tokens", None), getattr(exc, "limit", None)
+        msg = (
+            f"This model's maximum context length is {limit} tokens, but the prompt has {tokens} tokens. "
+            "Shorten the prompt."
+            if tokens is not None and limit is not None
+            else str(exc) or "The prompt is longer than the model's context."
+        )
+        return PromptTooLong(msg, param="prompt")
+    if type(exc).__name__ in _UNAVAILABLE_NAMES or any(c.__name__ in _UNAVAILABLE_NAMES for c in type(exc).__mro__):
+        return ServiceUnavailable("No model replica can take the request right now; retry shortly.")
+    return None
+
+
+def _is_prompt_too_long(exc: BaseException) -> bool:
+    # By class when the engine is already loaded in this process (never imported here: it pulls in torch),
+    # else by shape: a ValueError carrying prompt_tokens and limit, which is what crosses a Ray boundary.
+    for name in ("engine.errors", "engine.decode"):
+        cls = getattr(sys.modules.get(name), "PromptTooLongError", None)
+        if isinstance(cls, type) and isinstance(exc, cls):
+            return True
+    return isinstance(exc, ValueError) and hasattr(exc, "prompt_tokens") and hasattr(exc, "limit")
+
+
+# custom error kinds (services.schemas) whose message already names the parameter
+_SELF_EXPLAINING = {"stream_options_without_stream"}
+
+
+def validation_error(errors: list[dict[str, Any]]) -> InvalidRequest:
+    """Turn pydantic/FastAPI validation errors into one 400 naming the offending parameter (OpenAI reports one)."""
+    if not errors:
+        return InvalidRequest("Invalid request.")
+    err = errors[0]
+    kind = err.get("type", "")
+    loc = [p for p in err.get("loc", ()) if p != "body"]
+    ctx = err.get("ctx") or {}
+    param = ctx.get("param") or _param_from_loc(loc)
+    if kind == "json_invalid":
+        detail = ctx.get("error", "")
+        return InvalidRequest(
+            "We could not parse the JSON body of your request"
+            + (f" ({detail})" if detail else "")
+            + ". Send a JSON object with Content-Type: application/json.",
+            code="invalid_json",
+        )
+    if kind == "extra_forbidden":
+        return InvalidRequest(f"Unrecognized request argument supplied: {param}", param=param, code="unknown_parameter")
+    if kind == "missing":
+        return InvalidRequest(f"Missing required parameter: '{param}'.", param=param, code="missing_required_parameter")
+    msg = err.get("msg", "Invalid value")
+    if kind == "unsupported_parameter":
+        return InvalidRequest(msg, param=param, code="unsupported_parameter")
+    if kind in _SELF_EXPLAINING:
+        return InvalidRequest(msg, param=param, code="invalid_value")
+    if msg.startswith("Value error, "):
+        msg = msg[len("Value error, ") :]
+    if kind in ("model_attributes_type", "model_type", "dict_type") and not loc:
+        return InvalidRequest("The request body must be a JSON object.", code="invalid_body")
+    return InvalidRequest(f"Invalid value for '{param}': {msg}" if param else msg, param=param, code="invalid_value")
+
+
+def _param_from_loc(loc: list[Any]) -> str | None:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif not out:
+            out = str(part)
+        else:
+            out += f".{part}"
+    return out or None
+
+
+async def _service_error_handler(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, ServiceError)
+    return exc.response()
+
+
+async def _validation_handler(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, RequestValidationError)
+    return validation_error(list(exc.errors())).response()
+
+
+async def _http_exception_handler(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, StarletteHTTPException)
+    detail = exc.detail if isinstance(exc.detail, str) else json.dumps(exc.detail)
+    if exc.status_code == 404:
+        err: ServiceError = NotFound(f"Unknown path {request.url.path}.")
+    elif exc.status_code == 405:
+        err = MethodNotAllowed(f"Method {request.method} is not allowed on {request.url.path}.")
+    elif exc.status_code == 413:
+        err = PayloadTooLarge(detail)
+    elif exc.status_code >= 500:
+        err = InternalError(detail)
+    else:
+        err = InvalidRequest(detail)
+        err.status = exc.status_code
+    if exc.headers:
+        err.headers.update(exc.headers)
+    return err.response()
+
+
+class CatchAllMiddleware:
+    """Pure ASGI: an exception nothing else handled becomes a logged 500 in the envelope (if the response
+    has not started), and the server keeps serving. Starlette's own `Exception` handler would re-raise."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def _send(message: Message) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        try:
+            await self.app(scope, receive, _send)
+        except Exception as exc:  # noqa: BLE001 - this is the last resort by design
+            mapped = to_service_error(exc)
+            if mapped is None:
+                log.exception("unhandled error on %s %s", scope.get("method"), scope.get("path"))
+                mapped = InternalError("The server had an error while processing your request.")
+            if started:
+                return  # nothing sensible can be sent any more; the client sees a cut response
+            await mapped.response()(scope, receive, send)
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    """The one place that maps errors to HTTP responses in the OpenAI envelope."""
+    app.add_exception_handler(ServiceError, _service_error_handler)
+    app.add_exception_handler(RequestValidationError, _validation_handler)
+    app.add_exception_handler(StarletteHTTPException, _http_exception_handler)
+    app.add_middleware(CatchAllMiddleware)
