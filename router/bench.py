@@ -73,7 +73,13 @@ def _measure_decode(model: str, max_new_tokens: int) -> dict[str, Any]:
     total = st.time_total
     if 1 < st.new_tokens < max_new_tokens:  # stopped early: scale the per-token part up to the full length
         total = st.time_prefill + (total - st.time_prefill) * (max_new_tokens - 1) / (st.new_tokens - 1)
-    return {"source": f"engine {model}, plain, measured", "seconds": total, "new_tokens": st.new_tokens}
+    return {
+        "source": f"engine {model}, plain, measured",
+        "seconds": total,
+        "new_tokens": st.new_tokens,
+        "prefill_s": st.time_prefill,
+        "ms_per_token": (total - st.time_prefill) / max(max_new_tokens - 1, 1) * 1e3,
+    }
 
 
 def run_bench(
@@ -195,6 +201,8 @@ def run_bench(
 
 
 def _print(out: dict[str, Any], max_new_tokens: int) -> None:
+    import os
+
     from rich.console import Console
     from rich.table import Table
 
@@ -218,12 +226,16 @@ def _print(out: dict[str, Any], max_new_tokens: int) -> None:
     c.print("cold: embed + search + Redis miss + store; cached: Redis hit; local: no Redis. "
             "Stage columns are p50 ms; x/dec is the share of one request's decode time.")
     if dec:
+        per_tok = f", {dec['ms_per_token']:.1f} ms/token after prefill" if "ms_per_token" in dec else ""
         c.print(f"decode of one {max_new_tokens}-token request: {dec['seconds'] * 1e3:.0f} ms ({dec['source']}, "
-                f"{dec['new_tokens']} tokens)")
+                f"{dec['new_tokens']} tokens{per_tok})")
     elif out.get("decode_error"):
         c.print(f"[yellow]{out['decode_error']}[/yellow]")
     if out.get("nearest_domain_accuracy") is not None:
         c.print(f"nearest domain = labelled domain for {out['nearest_domain_accuracy']:.1%} of labelled prompts")
+    if "loadavg_1m_start" in out:
+        c.print(f"1-min load average {out['loadavg_1m_start']:.1f} -> {out['loadavg_1m_end']:.1f} "
+                f"on {os.cpu_count()} CPUs (other work skews both sides)")
     for name, ok in out["targets"].items():
         c.print(f"target {name}: {'[green]met[/green]' if ok else '[red]missed[/red]'}")
 
@@ -242,12 +254,16 @@ def bench_route(
 ) -> None:
     """Routing latency p50/p99 (cold, cached, local) and its share of a 128-token request's decode time."""
     import logging
+    import os
 
     logging.getLogger("router").setLevel(logging.ERROR)
     t0 = time.perf_counter()
+    load0 = os.getloadavg()[0]
     out = run_bench(index=index, prompts_file=prompts, data_dir=data, redis_url=redis_url, decode_s=decode_s,
                     model=model, max_new_tokens=max_new_tokens, k=k, limit=limit)
     out["wall_s"] = time.perf_counter() - t0
+    out["loadavg_1m_start"] = load0
+    out["loadavg_1m_end"] = os.getloadavg()[0]  # other work on the CPU skews both sides; report it
     _print(out, max_new_tokens)
     if json_out is not None:
         json_out.parent.mkdir(parents=True, exist_ok=True)
