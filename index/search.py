@@ -74,7 +74,7 @@ class SearchSettings(BaseModel):
     random_fraction: float = Field(0.4, ge=0.0, le=1.0, description="Share of candidates proposed at random (sparse skip sets) rather than by TPE.")
     protect_first: int = Field(1, ge=0, description="Leading layers never skipped (early layers matter most for drafts).")
     protect_last: int = Field(1, ge=0, description="Trailing layers never skipped.")
-    max_skip_fraction: float = Field(0.5, gt=0.0, le=1.0, description="Random proposals skip at most this share of the searchable sub-layers.")
+    max_skip_fraction: float = Field(0.35, gt=0.0, le=1.0, description="Random proposals skip at most this share of the searchable sub-layers.")
     max_draft_range: tuple[int, int] = Field((2, 8), description="Inclusive range searched for max_draft.")
     confidence_range: tuple[float, float] = Field((0.0, 0.9), description="Inclusive range searched for the early-stop confidence (step 0.05).")
     head_cost: float = Field(0.12, ge=0.0, le=1.0, description="Cost model: share of a full pass spent outside decoder layers (embedding, final norm, LM head).")
@@ -155,12 +155,30 @@ def params_to_config(params: dict[str, Any], layers: Sequence[int]) -> DraftConf
     )
 
 
-def random_params(rng: random.Random, layers: Sequence[int], s: SearchSettings) -> dict[str, Any]:
-    """A sparse random proposal: a few sub-layers skipped (dense random sets draft badly)."""
+def _weighted_sample(rng: random.Random, items: list, weights: list[float], n: int) -> list:
+    """n distinct items, drawn with probability proportional to weight (Efraimidis-Spirakis keys)."""
+    keys = [(rng.random() ** (1.0 / max(w, 1e-9)), j) for j, w in enumerate(weights)]
+    return [items[j] for _, j in sorted(keys, reverse=True)[:n]]
+
+
+def layer_weights(layers: Sequence[int], profile: Sequence[float]) -> dict[int, float]:
+    """Proposal weight of each searchable layer: its single-layer-skip agreement, sharpened (agreement^4),
+    so layers whose removal breaks the draft are rarely proposed. Uniform without a profile."""
+    if not profile:
+        return {i: 1.0 for i in layers}
+    return {i: max(float(profile[i]), 0.01) ** 4 for i in layers}
+
+
+def random_params(
+    rng: random.Random, layers: Sequence[int], s: SearchSettings, weights: dict[int, float] | None = None
+) -> dict[str, Any]:
+    """A sparse random proposal: a few sub-layers skipped (dense random sets draft badly), drawn by
+    `weights` (per layer) when given."""
     subs = [(kind, i) for i in layers for kind in ("attn", "mlp")]
     top = max(1, int(round(s.max_skip_fraction * len(subs)))) if subs else 0
     n = rng.randint(1, top) if top else 0
-    chosen = set(rng.sample(subs, n)) if n else set()
+    w = [(weights or {}).get(i, 1.0) for _, i in subs]
+    chosen = set(_weighted_sample(rng, subs, w, n)) if n else set()
     p: dict[str, Any] = {f"{kind}_{i}": int((kind, i) in chosen) for kind, i in subs}
     p["max_draft"] = rng.randint(*s.max_draft_range)
     steps = int(round((s.confidence_range[1] - s.confidence_range[0]) / 0.05))
@@ -168,9 +186,15 @@ def random_params(rng: random.Random, layers: Sequence[int], s: SearchSettings) 
     return p
 
 
-def seed_params(layers: Sequence[int], s: SearchSettings, n_skip: int) -> dict[str, Any]:
-    """A deterministic starting point: the MLPs of `n_skip` layers spread over the searchable range."""
-    chosen = {layers[int(j * len(layers) / n_skip)] for j in range(n_skip)} if n_skip and layers else set()
+def seed_params(layers: Sequence[int], s: SearchSettings, n_skip: int, weights: dict[int, float] | None = None) -> dict[str, Any]:
+    """A deterministic starting point: the MLPs of the `n_skip` layers cheapest to skip by `weights`
+    (ties and no weights: spread evenly over the searchable range)."""
+    spread = [layers[int(j * len(layers) / n_skip)] for j in range(n_skip)] if n_skip and layers else []
+    if weights:
+        rank = sorted(layers, key=lambda i: (-weights.get(i, 0.0), i not in spread, i))
+        chosen = set(rank[:n_skip])
+    else:
+        chosen = set(spread)
     p: dict[str, Any] = {f"{k}_{i}": 0 for i in layers for k in ("attn", "mlp")}
     p.update({f"mlp_{i}": 1 for i in chosen})
     p["max_draft"] = min(max(4, s.max_draft_range[0]), s.max_draft_range[1])
@@ -261,10 +285,20 @@ def search_domain(
         def agreement(cfg: DraftConfig, preps: Sequence[_Prepared] = prepared) -> float:
             return statistics.fmean(float(engine.draft_agreement(p.ids, p.continuation, cfg)) for p in preps)
 
+        # per-layer profile: for the plot, and to aim the proposals at layers that are cheap to skip
+        layer_agreement: list[float] = []
+        n_prof = min(s.layer_profile_prompts, len(prepared))
+        if n_prof:
+            for i in range(L):
+                layer_agreement.append(round(agreement(DraftConfig(skip_attn=(i,), skip_mlp=(i,)), prepared[:n_prof]), 5))
+                bar.advance(n_prof, description=f"{name}: per-layer profile")
+
+        weights = layer_weights(layers, layer_agreement)
+
         # calibrate the draft cost from one real speculative run of a cheap, plausible config
         scale = 1.0
         if s.calibrate:
-            probe = params_to_config(seed_params(layers, s, max(1, len(layers) // 4)), layers)
+            probe = params_to_config(seed_params(layers, s, max(1, len(layers) // 4), weights), layers)
             st = engine.generate(prepared[0].ids, greedy, probe).stats
             drafted_passes = max(st.drafted, 1)
             if st.time_draft > 0 and st.time_verify > 0 and st.steps > 0:
@@ -282,7 +316,7 @@ def search_domain(
             study = optuna.create_study(direction="maximize", sampler=sampler)
         seen: dict[DraftConfig, Candidate] = {}
         candidates: list[Candidate] = []
-        seeds = [seed_params(layers, s, n) for n in (max(1, len(layers) // 8), max(1, len(layers) // 4))]
+        seeds = [seed_params(layers, s, n, weights) for n in (max(1, len(layers) // 8), max(1, len(layers) // 4))]
         attempts = 0
         while len(candidates) < s.budget and attempts < 4 * s.budget + 8:
             attempts += 1
@@ -290,7 +324,7 @@ def search_domain(
                 study.enqueue_trial(seeds.pop(0))
                 source = "seed"
             elif rng.random() < s.random_fraction or len(study.trials) < 2:
-                study.enqueue_trial(random_params(rng, layers, s))
+                study.enqueue_trial(random_params(rng, layers, s, weights))
                 source = "random"
             else:
                 source = "tpe"
@@ -311,14 +345,6 @@ def search_domain(
             candidates.append(cand)
             study.tell(trial, proxy)
             bar.advance(description=f"{name}: screening (best proxy {max(c.proxy for c in candidates):.2f}x)")
-
-        # 3. per-layer profile (for the plot)
-        layer_agreement: list[float] = []
-        n_prof = min(s.layer_profile_prompts, len(prepared))
-        if n_prof:
-            for i in range(L):
-                layer_agreement.append(round(agreement(DraftConfig(skip_attn=(i,), skip_mlp=(i,)), prepared[:n_prof]), 5))
-                bar.advance(n_prof, description=f"{name}: per-layer profile")
 
         # 4. measurement: plain and the top candidates, interleaved per prompt and round
         top = sorted(candidates, key=lambda c: (-c.proxy, c.config.config_id))[: s.n_measure]

@@ -9,12 +9,14 @@ from __future__ import annotations
 import typer
 
 from engine.cli import bench_engine, generate
+from index.cli import index_app
 from router.bench import bench_route
 from services.tenants_cli import tenants_app
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="KNN-SSD serving.")
 bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks: each runs both sides in one process.")
 app.add_typer(bench_app, name="bench")
+app.add_typer(index_app, name="index")
 app.add_typer(tenants_app, name="tenants")
 
 app.command("generate")(generate)

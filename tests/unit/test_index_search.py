@@ -65,7 +65,7 @@ class FakeEngine:
         st = DecodeStats(prompt_tokens=len(ids), new_tokens=n, finish_reason="length")
         if not draft.enabled:
             st.steps = n - 1
-            st.time_verify = float(n)
+            st.time_verify = float(n - 1)
         else:
             a, g = self._alpha(ids, draft), draft.max_draft
             per_step = g + 1.0 if a >= 1 else (1 - a ** (g + 1)) / (1 - a)
@@ -73,8 +73,9 @@ class FakeEngine:
             st.drafted = st.steps * g
             st.accepted = min(st.drafted, round(st.steps * (per_step - 1)))
             st.time_draft = st.drafted * self._cost(draft)
-            st.time_verify = float(st.steps + 1)
-        self.clock.t += st.time_draft + st.time_verify
+            st.time_verify = float(st.steps)
+        st.time_prefill = 1.0
+        self.clock.t += st.time_prefill + st.time_draft + st.time_verify
         return FakeResult(toks, "", "length", st)
 
     def draft_agreement(self, ids, continuation_ids, draft: DraftConfig) -> float:
