@@ -308,12 +308,12 @@ def search_domain(
                 scale = float(min(max(raw, 0.05), 3.0))
         bar.advance()
 
-        # 2. screening: seeded start points, then TPE interleaved with random proposals
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # optuna's experimental-feature warnings
-            optuna.logging.set_verbosity(optuna.logging.WARNING)
-            sampler = optuna.samplers.TPESampler(seed=s.seed, n_startup_trials=max(4, s.budget // 3))
-            study = optuna.create_study(direction="maximize", sampler=sampler)
+        # 2. screening: seeded start points and sparse random proposals until TPE has a model (its own
+        # start-up sampling would propose dense, hopeless skip sets), then TPE mixed with random ones
+        n_startup = max(4, s.budget // 3)
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        sampler = optuna.samplers.TPESampler(seed=s.seed, n_startup_trials=n_startup)
+        study = optuna.create_study(direction="maximize", sampler=sampler)
         seen: dict[DraftConfig, Candidate] = {}
         candidates: list[Candidate] = []
         seeds = [seed_params(layers, s, n, weights) for n in (max(1, len(layers) // 8), max(1, len(layers) // 4))]
@@ -323,13 +323,13 @@ def search_domain(
             if seeds:
                 study.enqueue_trial(seeds.pop(0))
                 source = "seed"
-            elif rng.random() < s.random_fraction or len(study.trials) < 2:
+            elif len(study.trials) < n_startup or rng.random() < s.random_fraction:
                 study.enqueue_trial(random_params(rng, layers, s, weights))
                 source = "random"
             else:
                 source = "tpe"
             with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
                 trial = study.ask()
                 params = {f"{k}_{i}": trial.suggest_int(f"{k}_{i}", 0, 1) for i in layers for k in ("attn", "mlp")}
                 params["max_draft"] = trial.suggest_int("max_draft", *s.max_draft_range)
