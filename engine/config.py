@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass, field
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -26,6 +27,29 @@ class DraftConfig(BaseModel):
     max_draft: int = Field(4, ge=1, le=32, description="Most tokens drafted before one verify pass.")
     confidence: float = Field(
         0.5, ge=0.0, le=1.0, description="Stop drafting early when the draft's top-1 probability falls below this."
+    )
+    adaptive: bool = Field(
+        False,
+        description="Adapt the confidence threshold per request from running acceptance (Draft&Verify): "
+        "raise it after a step that accepted less than `target_acceptance`, lower it otherwise.",
+    )
+    target_acceptance: float = Field(
+        0.7, gt=0.0, lt=1.0, description="Acceptance rate the adaptive threshold steers towards."
+    )
+    quantize: Literal["none", "int8"] = Field(
+        "none",
+        description="Precision of the draft's weights: 'int8' runs weight-only int8 copies (bf16 activations) "
+        "kept beside the full weights; the verify pass always uses the full fp32 weights.",
+    )
+    draft_vocab: int = Field(
+        0, ge=0, description="Rows of the draft-only LM head (most frequent tokens first, FR-Spec style); 0 = all."
+    )
+    prompt_lookup: int = Field(
+        0,
+        ge=0,
+        le=8,
+        description="Longest n-gram matched against the prompt and output so far to propose a copied "
+        "continuation (prompt lookup); used instead of the model draft when it matches. 0 = off.",
     )
 
     @field_validator("skip_attn", "skip_mlp", mode="before")

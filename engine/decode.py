@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 
 import torch
 
 from engine.config import DecodeStats, DraftConfig, SamplingParams
+from engine.draft import Draft, Drafter
 from engine.lean import LeanModel
 from engine.sampling import make_generator, probs_for, sample
 from engine.verify import greedy_verify, rejection_sample
@@ -30,47 +30,6 @@ class PromptTooLongError(ValueError):
             f"prompt is {prompt_tokens} tokens but this model's context allows at most {limit - 1} prompt "
             f"tokens (context length {limit}); shorten the prompt"
         )
-
-
-@dataclass
-class Draft:
-    tokens: torch.Tensor  # [k] int64
-    probs: torch.Tensor | None  # [k, V] draft distributions (sampling), None when greedy
-
-
-def draft_tokens(
-    model: LeanModel,
-    cur: int,
-    pos: int,
-    cfg: DraftConfig,
-    limit: int,  # most tokens to draft (budget and context)
-    params: SamplingParams,
-    gen: torch.Generator,
-    skip_attn: frozenset[int],
-    skip_mlp: frozenset[int],
-) -> Draft:
-    """Autoregressive draft with skipped sub-layers; stops at `limit`, or before the first token whose
-    top-1 probability is below cfg.confidence (Draft&Verify's early stop)."""
-    toks: list[int] = []
-    probs: list[torch.Tensor] = []
-    x = cur
-    for j in range(limit):
-        logits = model.forward(torch.tensor([x]), pos + j, skip_attn, skip_mlp)  # [1, V]
-        if params.greedy:
-            p = torch.softmax(logits[0].float(), dim=-1)  # [V]
-            conf, tok = p.max(dim=-1)
-        else:
-            p = probs_for(logits, params)[0]  # [V]
-            conf = p.max()
-            tok = sample(p.unsqueeze(0), gen)[0]
-        if float(conf) < cfg.confidence:
-            break
-        x = int(tok)
-        toks.append(x)
-        if not params.greedy:
-            probs.append(p)
-    t = torch.tensor(toks, dtype=torch.long)
-    return Draft(t, torch.stack(probs) if probs else None)
 
 
 def decode(
@@ -92,8 +51,11 @@ def decode(
         raise PromptTooLongError(len(prompt), limit)
     draft.check_layers(model.n_layers)
     gen = make_generator(params.seed)
-    speculative = draft.enabled and (draft.skip_attn or draft.skip_mlp)
-    skip_attn, skip_mlp = frozenset(draft.skip_attn), frozenset(draft.skip_mlp)
+    speculative = draft.enabled
+    drafter = Drafter(model, draft, params, gen) if speculative else None
+    # prompt + committed tokens, for prompt lookup; preallocated so a step appends without copying
+    history = torch.empty(limit, dtype=torch.long)
+    history[: len(prompt)] = torch.tensor(prompt)
     stats.prompt_tokens = len(prompt)
 
     def pick(logits: torch.Tensor) -> int:  # logits [1, V]
@@ -131,10 +93,9 @@ def decode(
             budget = min(params.max_new_tokens - produced, limit - 1 - pos)
             t1 = time.perf_counter()
             d = Draft(torch.empty(0, dtype=torch.long), None)
-            if speculative and budget > 1:
-                d = draft_tokens(
-                    model, cur, pos, draft, min(draft.max_draft, budget - 1), params, gen, skip_attn, skip_mlp
-                )
+            if drafter is not None and budget > 1:
+                history[pos] = cur
+                d = drafter.propose(cur, pos, min(draft.max_draft, budget - 1), history[: pos + 1])
             t2 = time.perf_counter()
             k = d.tokens.shape[0]
             seq = torch.cat([torch.tensor([cur]), d.tokens])  # [k+1]
@@ -146,11 +107,13 @@ def decode(
                 uniforms = torch.rand(k, generator=gen)
                 n, pending = rejection_sample(d.tokens, d.probs, target, uniforms, gen)
             t3 = time.perf_counter()
-            if speculative:
+            if drafter is not None:
+                drafter.observe(d, n)
                 stats.observe_step(k, n)
             else:
                 stats.steps += 1
             stats.time_draft += t2 - t1
             stats.time_verify += t3 - t2
+            history[pos + 1 : pos + 1 + n] = d.tokens[:n]
             pos += n + 1
             cur = pending[-1]

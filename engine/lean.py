@@ -39,6 +39,37 @@ class PackedLinear:
         return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
 
 
+class Int8Linear:
+    """y = x @ W.T with W quantized per output row to int8 (symmetric), for the draft only.
+
+    `_weight_int8pack_mm` wants bf16 activations (fp32 ones are 5-6x slower here); int8 activations
+    lose accuracy on AVX2, so only the weights are quantized. Memory: 1 byte per weight beside the fp32 copy.
+    """
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None):
+        w = weight.float()
+        scales = (w.abs().amax(dim=1) / 127.0).clamp_min(1e-12)  # [out]
+        self.weight = torch.round(w / scales[:, None]).clamp(-127, 127).to(torch.int8).contiguous()
+        self.scales = scales.to(torch.bfloat16)
+        self.bias = bias
+
+    @property
+    def nbytes(self) -> int:
+        return self.weight.numel() + self.scales.numel() * 2
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:  # x: [M, in] fp32 -> [M, out] fp32
+        y = torch.ops.aten._weight_int8pack_mm(x.to(torch.bfloat16), self.weight, self.scales).float()
+        return y if self.bias is None else y + self.bias
+
+
+@dataclass
+class DraftHead:
+    """A draft-only LM head over a subset of the vocabulary (FR-Spec): rows of the most frequent tokens."""
+
+    ids: torch.Tensor  # [N] int64, vocabulary ids of the rows
+    linear: PackedLinear | Int8Linear  # [N, hidden]
+
+
 @dataclass
 class LayerWeights:
     attn_norm: torch.Tensor  # [hidden]
@@ -54,6 +85,7 @@ class LayerWeights:
     post_mlp_norm: torch.Tensor | None = None
     q_norm: torch.Tensor | None = None  # [D]
     k_norm: torch.Tensor | None = None  # [D]
+    int8: dict[str, Int8Linear] | None = None  # draft copies of qkv, o, gate_up, down
 
 
 def _interleave_perm(d: int) -> torch.Tensor:
@@ -137,8 +169,48 @@ class LeanModel:
                     lw.q_norm = self._norm_weight(a.q_norm.weight)[perm].contiguous()
                     lw.k_norm = self._norm_weight(a.k_norm.weight)[perm].contiguous()
                 self.layers.append(lw)
+        self._heads: dict[tuple[int, bool], DraftHead] = {}
         # [layers, 2 (k, v), Hkv, max_len, D]: position-indexed, never cloned or shifted.
         self.kv = torch.zeros(self.n_layers, 2, self.n_kv, self.max_len, d)
+
+    # ---- draft-only weights, built on first use and kept beside the full ones ----------------------
+
+    @property
+    def int8_ready(self) -> bool:
+        return all(lw.int8 is not None for lw in self.layers)
+
+    def prepare_int8(self) -> int:
+        """Build int8 copies of every layer's projections; returns the bytes they add."""
+        for lw in self.layers:
+            if lw.int8 is None:
+                lw.int8 = {
+                    name: Int8Linear(getattr(lw, name).weight, getattr(lw, name).bias)
+                    for name in ("qkv", "o", "gate_up", "down")
+                }
+        return sum(q.nbytes for lw in self.layers for q in lw.int8.values())
+
+    def draft_head(self, rows: int, int8: bool) -> DraftHead | None:
+        """The draft head over the `rows` most frequent tokens, cached per (rows, int8). Frequency rank is
+        the token id order: byte-level BPE vocabularies number tokens in merge order, which follows
+        corpus frequency closely enough for a draft (FR-Spec ranks by counted frequency)."""
+        if rows <= 0 and not int8:
+            return None
+        rows = self.vocab if rows <= 0 else min(rows, self.vocab)
+        key = (rows, int8)
+        if key not in self._heads:
+            ids = torch.arange(rows)
+            w = self.lm_head.weight[:rows]
+            self._heads[key] = DraftHead(ids, Int8Linear(w) if int8 else PackedLinear(w))
+        return self._heads[key]
+
+    def draft_bytes(self) -> int:
+        """Memory the draft-only weights add beside the full model (int8 copies and subset heads)."""
+        layers = sum(q.nbytes for lw in self.layers if lw.int8 for q in lw.int8.values())
+        heads = sum(
+            h.linear.nbytes if isinstance(h.linear, Int8Linear) else h.linear.weight.numel() * 4
+            for h in self._heads.values()
+        )
+        return layers + heads
 
     def _norm_weight(self, w: torch.Tensor) -> torch.Tensor:
         # Gemma's RMSNorm multiplies by (1 + w): fold the 1 in once.
@@ -188,11 +260,20 @@ class LeanModel:
         skip_attn: frozenset[int] = frozenset(),
         skip_mlp: frozenset[int] = frozenset(),
         last_only: bool = False,
+        int8: bool = False,
+        head: DraftHead | None = None,
     ) -> torch.Tensor:  # [M, vocab] (or [1, vocab] with last_only)
-        x = self.hidden(tokens, start, skip_attn, skip_mlp)
+        """Full-vocabulary logits. `int8` and `head` are draft-only: int8 weight copies (see
+        `prepare_int8`) and a vocabulary-subset head, whose logits are -inf outside its rows."""
+        x = self.hidden(tokens, start, skip_attn, skip_mlp, int8)
         if last_only:
             x = x[-1:]
-        return self.lm_head(x)
+        if head is None:
+            return self.lm_head(x)
+        sub = head.linear(x)  # [M, N]
+        out = torch.full((x.shape[0], self.vocab), float("-inf"))
+        out[:, head.ids] = sub
+        return out
 
     def hidden(
         self,
@@ -200,8 +281,10 @@ class LeanModel:
         start: int,
         skip_attn: frozenset[int] = frozenset(),
         skip_mlp: frozenset[int] = frozenset(),
+        int8: bool = False,
     ) -> torch.Tensor:  # [M, hidden], after the final norm
         m = tokens.shape[0]
+        assert not int8 or self.int8_ready, "call prepare_int8() first"
         assert tokens.dim() == 1 and 0 <= start and start + m <= self.max_len, (tokens.shape, start, self.max_len)
         x = F.embedding(tokens, self.embed)  # [M, hidden]
         if self.gemma:
@@ -211,20 +294,22 @@ class LeanModel:
             if i not in skip_attn:
                 if lw.window not in masks:
                     masks[lw.window] = self._mask(start, m, lw.window)
-                x = x + self._attention(x, lw, i, start, start + m, masks[lw.window])
+                x = x + self._attention(x, lw, i, start, start + m, masks[lw.window], int8)
             if i not in skip_mlp:
-                y = lw.gate_up(self._rms(x, lw.mlp_norm))  # [M, 2*inter]
+                gate_up, down = (lw.int8["gate_up"], lw.int8["down"]) if int8 else (lw.gate_up, lw.down)
+                y = gate_up(self._rms(x, lw.mlp_norm))  # [M, 2*inter]
                 g, u = y.chunk(2, dim=-1)
-                y = lw.down(self.act(g) * u)  # [M, hidden]
+                y = down(self.act(g) * u)  # [M, hidden]
                 if lw.post_mlp_norm is not None:
                     y = self._rms(y, lw.post_mlp_norm)
                 x = x + y
         return self._rms(x, self.final_norm)
 
-    def _attention(self, x, lw: LayerWeights, i: int, start: int, end: int, mask) -> torch.Tensor:
+    def _attention(self, x, lw: LayerWeights, i: int, start: int, end: int, mask, int8: bool) -> torch.Tensor:
         m = x.shape[0]
         h_, hk, d = self.n_heads, self.n_kv, self.head_dim
-        qkv = lw.qkv(self._rms(x, lw.attn_norm))  # [M, (H + 2Hkv) * D]
+        qkv_lin, o_lin = (lw.int8["qkv"], lw.int8["o"]) if int8 else (lw.qkv, lw.o)
+        qkv = qkv_lin(self._rms(x, lw.attn_norm))  # [M, (H + 2Hkv) * D]
         qk = qkv[:, : (h_ + hk) * d].reshape(m, h_ + hk, d)
         if lw.q_norm is not None:
             qk = torch.cat([self._rms(qk[:, :h_], lw.q_norm), self._rms(qk[:, h_:], lw.k_norm)], dim=1)
@@ -237,7 +322,7 @@ class LeanModel:
         k = cache[0, :, :end].unsqueeze(0)  # [1, Hkv, end, D]
         v = cache[1, :, :end].unsqueeze(0)
         o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale, enable_gqa=hk != h_)
-        y = lw.o(o[0].transpose(0, 1).reshape(m, h_ * d))  # [M, hidden]
+        y = o_lin(o[0].transpose(0, 1).reshape(m, h_ * d))  # [M, hidden]
         if lw.post_attn_norm is not None:
             y = self._rms(y, lw.post_attn_norm)
         return y

@@ -33,3 +33,14 @@ def redis_prefix(redis_url):
     keys = list(r.scan_iter(match=prefix + "*"))
     if keys:
         r.delete(*keys)
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """The real bundled SmolLM2-135M, loaded once (converted to the safetensors cache on first use)."""
+    import torch
+
+    from engine.generate import Engine
+
+    torch.set_num_threads(2)
+    return Engine.load("smollm2", max_seq_len=1024)

@@ -66,3 +66,21 @@ def test_skipping_sublayers_changes_output_and_rejected_positions_are_overwritte
         lean.forward(torch.randint(0, 97, (3,)), 5)
         again = lean.forward(ids[5:], 5)
     assert (again - ref[5:]).abs().max() < 1e-4
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma3"])
+def test_int8_draft_and_subset_head(arch):
+    model = tiny(arch)
+    lean = LeanModel(model, max_seq_len=64)
+    added = lean.prepare_int8()
+    n_weights = sum(q.weight.numel() for lw in lean.layers for q in lw.int8.values())
+    assert added >= n_weights  # one byte per weight plus scales
+    ids = torch.randint(0, 97, (6,))
+    with torch.inference_mode():
+        ref = lean.forward(ids, 0)
+        q = lean.forward(ids, 0, int8=True)
+        head = lean.draft_head(40, int8=False)
+        sub = lean.forward(ids, 0, head=head)
+    # int8 weights approximate the fp32 model: close, but not equal
+    assert 0 < (q - ref).abs().max() < 0.1 * ref.abs().max()
+    assert torch.isinf(sub[:, 40:]).all() and torch.allclose(sub[:, :40], ref[:, :40], atol=1e-4)

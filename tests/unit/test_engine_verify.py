@@ -88,3 +88,14 @@ def test_probs_from_logits_top_k_top_p():
     assert p[0, 0] == 1.0
     hot = probs_from_logits(logits, 0.5)
     assert hot[0, 0] > 0.5  # lower temperature sharpens
+
+
+def test_prompt_lookup_ngram():
+    from engine.draft import lookup_ngram
+
+    h = torch.tensor([5, 6, 7, 8, 9, 1, 5, 6, 7])
+    assert lookup_ngram(h, 3, 4).tolist() == [8, 9, 1, 5]  # "5 6 7" seen before, followed by 8 9 1 5
+    assert lookup_ngram(h, 3, 2).tolist() == [8, 9]
+    assert lookup_ngram(torch.tensor([1, 2, 3, 4]), 3, 4).numel() == 0  # no earlier occurrence
+    # falls back to shorter n-grams, preferring the latest occurrence
+    assert lookup_ngram(torch.tensor([3, 1, 3, 2, 9, 3]), 2, 1).tolist() == [2]

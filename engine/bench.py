@@ -1,0 +1,187 @@
+"""`knnssd bench engine`: HF `generate`, the engine's plain decoding and speculative decoding per draft
+config, interleaved in one process on the same prompts, reported as ratios per prompt kind.
+
+Each prompt runs every method back to back (the order rotated per prompt), `repeats` times; a prompt's
+time per method is the median of its repeats, and a kind's ratio is the median of its prompts' ratios.
+Ratios from one process are what we quote: the machine is shared and absolute times drift.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from engine.config import DraftConfig, SamplingParams
+from engine.generate import Engine
+from engine.prompts import BenchPrompt
+
+HF = "hf-generate"
+PLAIN = "plain"
+
+DEFAULT_CONFIGS: dict[str, DraftConfig] = {
+    # Hand-picked for SmolLM2 (30 layers): late layers are the most redundant.
+    "skip-mlp4": DraftConfig(skip_mlp=(22, 24, 26, 27), max_draft=4, confidence=0.6),
+    "skip-both6": DraftConfig(skip_attn=(20, 23, 26), skip_mlp=(21, 24, 27), max_draft=4, confidence=0.6),
+    "skip-both12": DraftConfig(
+        skip_attn=(6, 10, 14, 18, 22, 26), skip_mlp=(8, 12, 16, 20, 24, 27), max_draft=5, confidence=0.7
+    ),
+}
+
+
+@dataclass
+class PromptResult:
+    kind: str
+    times: dict[str, list[float]] = field(default_factory=dict)  # method -> seconds per repeat
+    tokens: dict[str, list[int]] = field(default_factory=dict)  # method -> token ids (last repeat)
+    steps: dict[str, int] = field(default_factory=dict)
+    drafted: dict[str, int] = field(default_factory=dict)
+    accepted: dict[str, int] = field(default_factory=dict)
+
+    def tps(self, method: str) -> float:
+        return len(self.tokens[method]) / statistics.median(self.times[method])
+
+
+def _hf_generate(engine: Engine, ids: list[int], max_new_tokens: int) -> list[int]:
+    with torch.inference_mode():
+        out = engine.hf_model.generate(
+            torch.tensor([ids]),
+            attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=engine.tokenizer.eos_token_id,
+        )[0, len(ids) :].tolist()
+    while out and out[-1] in engine.eos_token_ids:  # count what the engine counts: EOS excluded
+        out.pop()
+    return out
+
+
+def run_bench(
+    engine: Engine,
+    prompts: list[BenchPrompt],
+    configs: dict[str, DraftConfig],
+    max_new_tokens: int = 128,
+    repeats: int = 1,
+    include_hf: bool = True,
+    on_step=None,
+) -> list[PromptResult]:
+    params = SamplingParams(max_new_tokens=max_new_tokens)
+    methods = ([HF] if include_hf else []) + [PLAIN] + list(configs)
+    results = []
+    warm = engine.encode_prompt(prompt="Hello")
+    engine.generate(warm, SamplingParams(max_new_tokens=4))
+    for i, bp in enumerate(prompts):
+        ids = engine.encode_prompt(prompt=bp.prompt, messages=list(bp.messages) if bp.messages else None)
+        res = PromptResult(bp.kind)
+        order = methods[i % len(methods) :] + methods[: i % len(methods)]
+        for _ in range(repeats):
+            for m in order:
+                t0 = time.perf_counter()
+                if m == HF:
+                    toks = _hf_generate(engine, ids, max_new_tokens)
+                else:
+                    r = engine.generate(ids, params, DraftConfig.plain() if m == PLAIN else configs[m])
+                    toks = r.token_ids
+                    res.steps[m], res.drafted[m], res.accepted[m] = r.stats.steps, r.stats.drafted, r.stats.accepted
+                res.times.setdefault(m, []).append(time.perf_counter() - t0)
+                res.tokens[m] = toks
+                if on_step:
+                    on_step()
+        results.append(res)
+    return results
+
+
+def _summary(results: list[PromptResult], method: str, include_hf: bool) -> dict:
+    toks = sum(len(r.tokens[method]) for r in results)
+    secs = sum(statistics.median(r.times[method]) for r in results)
+    out = {
+        "prompts": len(results),
+        "tokens": toks,
+        "tokens_per_s": round(toks / secs, 3) if secs else 0.0,
+        "speedup_vs_plain": round(statistics.median(r.tps(method) / r.tps(PLAIN) for r in results), 4),
+        "speedup_vs_hf": (
+            round(statistics.median(r.tps(method) / r.tps(HF) for r in results), 4) if include_hf else None
+        ),
+        "identical": all(r.tokens[method] == r.tokens[PLAIN] for r in results),
+    }
+    if method not in (HF, PLAIN):
+        steps = sum(r.steps[method] for r in results)
+        drafted = sum(r.drafted[method] for r in results)
+        decoded = sum(max(len(r.tokens[method]) - 1, 0) for r in results)  # the prefill token is no step
+        out["mean_accepted_tokens"] = round(decoded / steps, 4) if steps else 0.0
+        out["acceptance_rate"] = round(sum(r.accepted[method] for r in results) / drafted, 4) if drafted else 0.0
+    else:
+        out["mean_accepted_tokens"] = 1.0
+        out["acceptance_rate"] = None
+    return out
+
+
+def summarize(results: list[PromptResult], configs: dict[str, DraftConfig], include_hf: bool) -> dict:
+    methods = ([HF] if include_hf else []) + [PLAIN] + list(configs)
+    kinds = sorted({r.kind for r in results})
+    table: dict[str, dict] = {}
+    for m in methods:
+        table[m] = {k: _summary([r for r in results if r.kind == k], m, include_hf) for k in kinds}
+        table[m]["overall"] = _summary(results, m, include_hf)
+    return table
+
+
+def verify_cost(engine: Engine, sizes=(1, 2, 3, 4, 5, 8), context: int = 128, reps: int = 15) -> dict:
+    """Median time of one full pass over M new tokens at a fixed context, and its ratio to M=1.
+    Sizes are interleaved per repetition so drift hits them alike."""
+    lean = engine.lean
+    ctx = torch.randint(0, lean.vocab, (context,))
+    times: dict[int, list[float]] = {m: [] for m in sizes}
+    with torch.inference_mode():
+        lean.forward(ctx, 0)
+        for _ in range(reps):
+            for m in sizes:
+                toks = torch.randint(0, lean.vocab, (m,))
+                t0 = time.perf_counter()
+                lean.forward(toks, context)
+                times[m].append(time.perf_counter() - t0)
+    base = statistics.median(times[sizes[0]])
+    return {
+        str(m): {"ms": round(statistics.median(t) * 1e3, 2), "ratio_to_1": round(statistics.median(t) / base, 3)}
+        for m, t in times.items()
+    }
+
+
+def write_plot(report: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    table = report["table"]
+    methods = [m for m in table if m != PLAIN]
+    kinds = [k for k in table[PLAIN] if k != "overall"] + ["overall"]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 4.5), gridspec_kw={"width_ratios": [3, 1]})
+    width = 0.8 / max(len(methods), 1)
+    for j, m in enumerate(methods):
+        vals = [table[m][k]["speedup_vs_plain"] for k in kinds]
+        ax1.bar([i + j * width for i in range(len(kinds))], vals, width, label=m)
+    ax1.axhline(1.0, color="black", lw=0.8, ls="--")
+    ax1.set_xticks([i + width * (len(methods) - 1) / 2 for i in range(len(kinds))], kinds)
+    ax1.set_ylabel("tokens/s ratio to engine plain decoding")
+    ax1.set_title(f"{report['model']}: speed by prompt kind ({report['max_new_tokens']} new tokens)")
+    ax1.legend(fontsize=8)
+    vc = report.get("verify_cost")
+    if vc:
+        ms = [int(k) for k in vc]
+        ax2.plot(ms, [vc[str(m)]["ratio_to_1"] for m in ms], marker="o")
+        ax2.set_xlabel("tokens in one full pass (M)")
+        ax2.set_ylabel("cost / cost at M=1")
+        ax2.set_title("verify cost")
+        ax2.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_json(report: dict, path: Path) -> None:
+    path.write_text(json.dumps(report, indent=2))

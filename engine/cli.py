@@ -1,0 +1,153 @@
+"""CLI commands of the engine stage: `knnssd generate` and `knnssd bench engine` (mounted by services.cli)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+
+def _layers(spec: str) -> tuple[int, ...]:
+    """'1,2,5-8' -> (1, 2, 5, 6, 7, 8)."""
+    out: list[int] = []
+    for part in filter(None, (p.strip() for p in spec.split(","))):
+        if "-" in part:
+            a, b = part.split("-")
+            out.extend(range(int(a), int(b) + 1))
+        else:
+            out.append(int(part))
+    return tuple(out)
+
+
+def generate(
+    prompt: Annotated[str, typer.Argument(help="The prompt (sent as one user turn when the model has a chat template).")],
+    model: Annotated[str, typer.Option(help="Bundled model name or a local Hugging Face model directory.")] = "smollm2",
+    max_new_tokens: Annotated[int, typer.Option(help="Most tokens to generate.")] = 128,
+    temperature: Annotated[float, typer.Option(help="0 is greedy.")] = 0.0,
+    top_p: Annotated[float, typer.Option(help="Nucleus sampling mass.")] = 1.0,
+    top_k: Annotated[int, typer.Option(help="Keep the k most likely tokens (0: all).")] = 0,
+    seed: Annotated[Optional[int], typer.Option(help="Sampling seed.")] = None,
+    stop: Annotated[Optional[list[str]], typer.Option(help="Stop string (repeatable).")] = None,
+    skip_attn: Annotated[str, typer.Option(help="Draft: layers whose attention is skipped, e.g. '20,22-25'.")] = "",
+    skip_mlp: Annotated[str, typer.Option(help="Draft: layers whose MLP is skipped.")] = "",
+    max_draft: Annotated[int, typer.Option(help="Most draft tokens per verify pass.")] = 4,
+    confidence: Annotated[float, typer.Option(help="Stop drafting below this top-1 probability.")] = 0.6,
+    speculative: Annotated[bool, typer.Option(help="Use self-speculative decoding.")] = True,
+) -> None:
+    """Generate text for one prompt, streaming it, then print the decode stats."""
+    from engine.config import DraftConfig, SamplingParams
+    from engine.generate import Engine
+
+    eng = Engine.load(model)
+    draft = (
+        DraftConfig(skip_attn=_layers(skip_attn), skip_mlp=_layers(skip_mlp), max_draft=max_draft, confidence=confidence)
+        if speculative
+        else DraftConfig.plain()
+    )
+    params = SamplingParams(
+        max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,
+        stop=tuple(stop or ()),
+    )
+    last = None
+    for out in eng.stream(eng.encode_prompt(prompt=prompt), params, draft):
+        sys.stdout.write(out.text)
+        sys.stdout.flush()
+        last = out
+    sys.stdout.write("\n")
+    assert last is not None
+    stats = last.stats.to_dict() | {"config_id": draft.config_id, "tokens_per_s": round(
+        last.stats.new_tokens / last.stats.time_total, 2) if last.stats.time_total else 0.0}
+    typer.echo(json.dumps(stats, indent=2), err=True)
+
+
+def bench_engine(
+    model: Annotated[str, typer.Option(help="Bundled model name or a local Hugging Face model directory.")] = "smollm2",
+    max_new_tokens: Annotated[int, typer.Option(help="New tokens per prompt.")] = 128,
+    prompts: Annotated[Optional[Path], typer.Option(help="JSONL prompts ({'prompt'|'messages', 'kind'}); default: built-in mixed set.")] = None,
+    config: Annotated[Optional[list[str]], typer.Option(help="Draft config as NAME=JSON or a JSON file {name: config}; repeatable. Default: a hand-picked set.")] = None,
+    repeats: Annotated[int, typer.Option(help="Runs of each method per prompt (median taken).")] = 1,
+    hf: Annotated[bool, typer.Option(help="Include Hugging Face generate as a baseline.")] = True,
+    limit: Annotated[int, typer.Option(help="Use at most this many prompts per kind (0: all).")] = 0,
+    threads: Annotated[int, typer.Option(help="torch threads.")] = 2,
+    json_out: Annotated[Optional[Path], typer.Option("--json", help="Write the report as JSON here.")] = None,
+    plot: Annotated[Optional[Path], typer.Option(help="PNG plot path (default: next to --json, else bench-engine.png).")] = None,
+) -> None:
+    """Speculative vs plain decoding vs HF generate, interleaved in one process; tables, JSON and a plot."""
+    from rich.console import Console
+    from rich.progress import Progress
+    from rich.table import Table
+
+    from engine.bench import (
+        DEFAULT_CONFIGS, HF, PLAIN, run_bench, summarize, verify_cost, write_json, write_plot,
+    )
+    from engine.config import DraftConfig
+    from engine.generate import Engine
+    from engine.prompts import builtin_prompts, load_prompts
+
+    configs = _parse_configs(config, DraftConfig) if config else dict(DEFAULT_CONFIGS)
+    plist = load_prompts(prompts) if prompts else builtin_prompts()
+    if limit:
+        seen: dict[str, int] = {}
+        plist = [p for p in plist if seen.setdefault(p.kind, 0) < limit and not seen.__setitem__(p.kind, seen[p.kind] + 1)]
+    console = Console(stderr=True)
+    eng = Engine.load(model, threads=threads)
+    for c in configs.values():
+        c.check_layers(eng.num_layers)
+    n_methods = len(configs) + 1 + int(hf)
+    with Progress(console=console) as prog:
+        task = prog.add_task("benchmark", total=len(plist) * repeats * n_methods)
+        results = run_bench(eng, plist, configs, max_new_tokens, repeats, hf, on_step=lambda: prog.advance(task))
+    table = summarize(results, configs, hf)
+    report = {
+        "model": eng.model_id,
+        "max_new_tokens": max_new_tokens,
+        "repeats": repeats,
+        "threads": threads,
+        "configs": {n: c.model_dump(mode="json") | {"config_id": c.config_id} for n, c in configs.items()},
+        "table": table,
+        "verify_cost": verify_cost(eng),
+    }
+    out = Console()
+    for kind in list(table[PLAIN]):
+        t = Table(title=f"{eng.model_id} — {kind}")
+        for col in ("method", "tok/s", "vs plain", "vs HF", "tokens/step", "acceptance", "identical"):
+            t.add_column(col, justify="right")
+        for m, rows in table.items():
+            r = rows[kind]
+            t.add_row(
+                m, f"{r['tokens_per_s']:.1f}", f"{r['speedup_vs_plain']:.3f}",
+                "-" if r["speedup_vs_hf"] is None else f"{r['speedup_vs_hf']:.3f}",
+                f"{r['mean_accepted_tokens']:.2f}",
+                "-" if r["acceptance_rate"] is None else f"{r['acceptance_rate']:.2f}",
+                "yes" if r["identical"] else "NO",
+            )
+        out.print(t)
+    vc = Table(title="verify cost: one full pass over M tokens")
+    vc.add_column("M", justify="right")
+    vc.add_column("ms (median)", justify="right")
+    vc.add_column("ratio to M=1", justify="right")
+    for m, v in report["verify_cost"].items():
+        vc.add_row(m, f"{v['ms']:.1f}", f"{v['ratio_to_1']:.2f}")
+    out.print(vc)
+    if HF in table:
+        out.print(f"HF generate output identical to engine plain decoding on every prompt: {table[HF]['overall']['identical']}")
+    if json_out:
+        write_json(report, json_out)
+    plot_path = plot or (json_out.with_suffix(".png") if json_out else Path("bench-engine.png"))
+    write_plot(report, plot_path)
+    console.print(f"wrote {json_out or ''} {plot_path}")
+
+
+def _parse_configs(specs: list[str], draft_cls) -> dict:
+    configs = {}
+    for spec in specs:
+        if "=" in spec and not Path(spec).exists():
+            name, blob = spec.split("=", 1)
+            configs[name] = draft_cls.model_validate_json(blob)
+        else:
+            for name, c in json.loads(Path(spec).read_text()).items():
+                configs[name] = draft_cls.model_validate(c)
+    return configs
