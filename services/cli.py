@@ -11,6 +11,7 @@ import typer
 from engine.cli import bench_engine, generate
 from index.cli import index_app
 from router.bench import bench_route
+from services.serve_cmd import serve
 from services.tenants_cli import tenants_app
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="KNN-SSD serving.")
@@ -20,6 +21,7 @@ app.add_typer(index_app, name="index")
 app.add_typer(tenants_app, name="tenants")
 
 app.command("generate")(generate)
+app.command("serve")(serve)
 bench_app.command("engine")(bench_engine)
 bench_app.command("route")(bench_route)
 

@@ -1,0 +1,66 @@
+"""The gateway's `Backend` over Ray Serve deployment handles: route on the Router, decode on a ModelReplica.
+
+Per request: `router.route.remote(...)` -> `Routed` (draft config + route info), then a streaming call
+`replica.options(stream=True).generate.remote(req, config, info)` whose `BackendChunk`s are passed through
+as they come. Routing is an optimisation: if the Router deployment fails or cannot be reached, the request
+is decoded without speculation (same output) and the route says so (config "plain", fallback). A replica
+that cannot take the request surfaces as Serve's back-pressure error, which the gateway maps to 503.
+If the caller stops reading (client gone), the replica call is cancelled so its decode stops.
+
+The handles are injected, so tests drive this class with small fakes of the same call shape.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+from engine.config import DraftConfig
+from services.backend import BackendChunk, BackendRequest, RouteInfo
+from services.routing import Routed
+
+log = logging.getLogger(__name__)
+
+
+class RayBackend:
+    """`services.backend.Backend` over a Router handle and a ModelReplica handle."""
+
+    def __init__(self, router: Any, replica: Any, models: list[str]) -> None:
+        self.router = router
+        self.replica = replica
+        self._models = list(models)
+        self.route_failures = 0
+
+    def models(self) -> list[str]:
+        return list(self._models)
+
+    async def route(self, req: BackendRequest) -> Routed:
+        if not req.speculative:  # no draft config is needed; skip the embedding
+            plain = DraftConfig.plain()
+            return Routed(config=plain, info=RouteInfo(config_id=plain.config_id))
+        try:
+            return await self.router.route.remote(req.prompt, req.messages, req.tenant, req.index_version)
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # noqa: BLE001 - routing only changes speed; decode plain rather than fail
+            self.route_failures += 1
+            log.warning("routing request %s failed; decoding it without speculation", req.request_id, exc_info=True)
+            plain = DraftConfig.plain()
+            return Routed(config=plain, info=RouteInfo(config_id=plain.config_id, fallback=True))
+
+    async def stream(self, req: BackendRequest) -> AsyncIterator[BackendChunk]:
+        routed = await self.route(req)
+        gen = self.replica.options(stream=True).generate.remote(req, routed.config, routed.info)
+        finished = False
+        try:
+            async for chunk in gen:
+                finished = chunk.is_last
+                yield chunk
+                if finished:
+                    return
+            finished = True
+        finally:
+            if not finished:
+                gen.cancel()

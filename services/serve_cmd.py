@@ -1,0 +1,180 @@
+"""`knnssd serve`: the whole service on this machine in one command.
+
+Starts a local Ray (token auth off unless RAY_AUTH_MODE is set), finds the Redis at the config's URL or
+starts a throwaway `redis-server`, resolves the index (the config's `index_path`, else the shipped
+default), creates the dev tenant with a known key, runs the Serve app (`services.app.build_app`) and
+blocks, printing the URL, the key and a curl line. Ctrl-C (or SIGTERM) shuts Serve, Ray and a Redis it
+started down cleanly.
+
+`--write-serve-config` regenerates `services/serve_config.yaml` (for `serve run` / `serve deploy`) from
+the AppConfig defaults; a test checks the shipped file is up to date.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+import typer
+import yaml
+
+DEV_TENANT = "dev"
+DEV_KEY = "sk-knnssd-dev"  # documented in the README; override with --dev-key or $KNNSSD_DEV_KEY
+SERVE_CONFIG_PATH = Path(__file__).with_name("serve_config.yaml")
+CANONICAL_REDIS_URL = "redis://127.0.0.1:6379/0"
+
+_HEADER = """\
+# Ray Serve config for the KNN-SSD service: `serve run services/serve_config.yaml` (local) or
+# `serve deploy services/serve_config.yaml` (a running cluster); KubeRay takes the same content under
+# `serveConfigV2`. Generated from services.config.AppConfig by `knnssd serve --write-serve-config`;
+# do not edit by hand (a test checks it is up to date). It needs a Redis at `redis_url` and tenants
+# added with `knnssd tenants add NAME`; `knnssd serve` does all of that by itself.
+"""
+
+
+def render_serve_config(config=None) -> str:
+    """The Serve config YAML for `config` (default: AppConfig defaults with the standard local Redis URL)."""
+    from services.config import AppConfig
+
+    if config is None:
+        config = AppConfig(redis_url=CANONICAL_REDIS_URL)
+    return _HEADER + yaml.safe_dump(config.serve_config(), sort_keys=False, width=120)
+
+
+def ensure_dev_tenant(store, key: str, name: str = DEV_TENANT):
+    """Make `key` authenticate as tenant `name` in Redis (add it, or replace a dev tenant with another key)."""
+    if not key:
+        raise ValueError("the dev key must not be empty")
+    tenant = store.authenticate(key)
+    if tenant is not None:
+        if tenant.name != name:
+            raise ValueError(f"the dev key already belongs to tenant {tenant.name!r}; pass another --dev-key")
+        return tenant
+    if store.get(name) is not None:
+        store.remove(name)
+    tenant, _ = store.add(name, key=key)
+    return tenant
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _say(msg: str) -> None:
+    typer.echo(msg, err=True)
+
+
+def _raise_interrupt(signum, frame):  # SIGTERM -> the same clean shutdown as Ctrl-C
+    raise KeyboardInterrupt
+
+
+def serve(
+    config: Optional[Path] = typer.Option(None, "--config", "-c", help="Service config YAML (services.config.AppConfig)."),
+    host: Optional[str] = typer.Option(None, "--host", help="Address to bind (default: the config's, 127.0.0.1)."),
+    port: Optional[int] = typer.Option(None, "--port", min=1, max=65535, help="HTTP port (default: the config's, 8000)."),
+    dev_key: str = typer.Option(
+        os.environ.get("KNNSSD_DEV_KEY", DEV_KEY), "--dev-key", help="API key of the dev tenant (default $KNNSSD_DEV_KEY or sk-knnssd-dev)."
+    ),
+    no_dev_tenant: bool = typer.Option(False, "--no-dev-tenant", help="Do not create the dev tenant."),
+    ray_address: str = typer.Option(
+        "local", "--ray-address", help="Ray to run on: 'local' starts a private local instance; 'auto' or an address joins a cluster."
+    ),
+    write_serve_config: bool = typer.Option(
+        False, "--write-serve-config", help=f"Regenerate {SERVE_CONFIG_PATH.name} from the config defaults and exit."
+    ),
+) -> None:
+    """Run the OpenAI-compatible service locally: Ray, Redis, the bundled model and the default index."""
+    if write_serve_config:
+        SERVE_CONFIG_PATH.write_text(render_serve_config())
+        _say(f"wrote {SERVE_CONFIG_PATH}")
+        return
+
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from services.config import AppConfig
+    from services.redis_server import find_or_start_redis
+    from services.routing import resolve_index_root
+    from services.tenants import TenantStore
+
+    cfg = AppConfig.load(config)
+    if host or port:
+        cfg = cfg.model_copy(update={"http": cfg.http.model_copy(update={k: v for k, v in (("host", host), ("port", port)) if v})})
+    redis_url, redis_proc = find_or_start_redis(cfg.redis_url)
+    _say(f"redis: {redis_url}" + (" (started here; stops with the service)" if redis_proc else ""))
+    cfg = cfg.model_copy(update={"redis_url": redis_url})
+
+    signal.signal(signal.SIGTERM, _raise_interrupt)
+    ray_started = False
+    try:
+        index_root = resolve_index_root(cfg)
+        cfg = cfg.model_copy(update={"index_path": str(index_root)})
+        _say(f"index: {index_root}")
+
+        if not no_dev_tenant:
+            if dev_key == DEV_KEY and not _is_loopback(cfg.http.host):
+                _say(f"warning: the dev tenant uses the documented key {DEV_KEY} on {cfg.http.host}; "
+                     "pass --dev-key or --no-dev-tenant for anything reachable by others")
+            client = cfg.redis_client()
+            try:
+                ensure_dev_tenant(TenantStore(client, prefix=cfg.redis_prefix), dev_key)
+            finally:
+                client.close()
+
+        import ray
+        from ray import serve
+
+        from services.app import build_app
+
+        t0 = time.perf_counter()
+        env = {k: os.environ[k] for k in ("RAY_AUTH_MODE", "HF_HUB_OFFLINE", "KNNSSD_CACHE") if k in os.environ}
+        ray.init(address=ray_address, include_dashboard=False, runtime_env={"env_vars": env}, log_to_driver=True)
+        ray_started = True
+        serve.start(http_options={"host": cfg.http.host, "port": cfg.http.port})
+        _say(f"starting the app (model {cfg.model_path or cfg.model}; the first start converts the GGUF once, ~30 s)")
+        serve.run(build_app(cfg), name=cfg.serve.name, route_prefix=cfg.serve.route_prefix)
+
+        shown_host = "127.0.0.1" if cfg.http.host in ("0.0.0.0", "::") else cfg.http.host
+        base = f"http://{shown_host}:{cfg.http.port}"
+        key = dev_key if not no_dev_tenant else "$KNNSSD_API_KEY"
+        _say("")
+        _say(f"KNN-SSD serving is up in {time.perf_counter() - t0:.0f} s at {base}/v1 (model {cfg.model!r})")
+        if not no_dev_tenant:
+            _say(f"dev tenant {DEV_TENANT!r}, API key: {dev_key}")
+        _say("try:")
+        _say(f"  curl -s {base}/v1/completions -H 'Authorization: Bearer {key}' \\\n"
+             f"    -d '{{\"model\": \"{cfg.model}\", \"prompt\": \"Why is the sky blue?\", \"max_tokens\": 32, \"temperature\": 0}}'")
+        _say("Ctrl-C stops it.")
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        _say("\nshutting down...")
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        if ray_started:
+            from ray import serve
+
+            import ray
+
+            try:
+                serve.shutdown()
+            finally:
+                ray.shutdown()
+        if redis_proc is not None:
+            redis_proc.terminate()
+            redis_proc.wait(timeout=10)
+        _say("stopped.")
+
+
+if __name__ == "__main__":  # python -m services.serve_cmd
+    typer.run(serve)
+    sys.exit(0)

@@ -1,0 +1,408 @@
+"""The deployment bodies without Ray: replica (fake engine), router service (fake router), Ray backend (fake
+handles), the ingress class and the shipped Serve config file."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from dataclasses import dataclass, field
+
+import pytest
+
+from engine.config import DecodeStats, DraftConfig, SamplingParams
+from services.backend import BackendRequest, RouteInfo
+from services.config import AppConfig
+from services.errors import InvalidRequest
+from services.ray_backend import RayBackend
+from services.replica import ModelReplica
+from services.routing import Routed, RouterService, router_key_prefix
+
+
+@dataclass
+class Step:
+    token_ids: list[int]
+    text: str
+    finish_reason: str | None
+    stats: DecodeStats
+
+
+class FakeEngine:
+    """Emits one word per step; records the draft configs it was given and which threads ran it."""
+
+    num_layers = 30
+
+    def __init__(self, delay: float = 0.0) -> None:
+        self.delay = delay
+        self.drafts: list[DraftConfig] = []
+        self.threads: set[str] = set()
+        self.active = 0
+        self.max_active = 0
+        self.closed = 0
+
+    def encode_prompt(self, prompt=None, messages=None):
+        if messages is not None and any(m["role"] == "tool" for m in messages):
+            raise ValueError("no tools here")
+        text = prompt if prompt is not None else " ".join(m["content"] for m in messages)
+        return list(range(len(text.split())))
+
+    def stream(self, ids, params: SamplingParams, draft=None):
+        self.drafts.append(draft)
+        if len(ids) > 100:
+            from engine.decode import PromptTooLongError
+
+            raise PromptTooLongError(len(ids), 100)
+        stats = DecodeStats(prompt_tokens=len(ids))
+        self.active += 1
+        self.max_active = max(self.max_active, self.active)
+        try:
+            for i in range(params.max_new_tokens):
+                self.threads.add(threading.current_thread().name)
+                time.sleep(self.delay)
+                stats.new_tokens += 1
+                stats.observe_step(2, 1)
+                yield Step([i], f" w{i}", None, stats)
+            stats.finish_reason = "length"
+            yield Step([], "", "length", stats)
+        finally:
+            self.active -= 1
+            self.closed += 1
+
+
+def _req(prompt="a b c", n=3, speculative=True, **kw):
+    return BackendRequest(request_id="r", tenant="t", model="smollm2", sampling=SamplingParams(max_new_tokens=n),
+                          prompt=prompt, speculative=speculative, **kw)
+
+
+async def _collect(agen):
+    return [c async for c in agen]
+
+
+ROUTE = RouteInfo(domain="code", config_id="ssd-x", index_version="v1")
+CFG = DraftConfig(skip_mlp=(3, 4), max_draft=3)
+
+
+def test_replica_streams_by_the_backend_contract():
+    eng = FakeEngine()
+    rep = ModelReplica(AppConfig(), engine=eng, threads=1, name="rep-1")
+    chunks = asyncio.run(_collect(rep.generate(_req(n=3), CFG, ROUTE)))
+    first, last = chunks[0], chunks[-1]
+    assert first.route == ROUTE and first.usage.prompt_tokens == 3 and first.replica == "rep-1" and first.queue_depth == 1
+    assert first.text == " w0" and first.tokens == 1
+    assert last.is_last and last.finish_reason == "length" and last.route == ROUTE
+    assert last.usage.prompt_tokens == 3 and last.usage.completion_tokens == 3
+    assert last.stats["drafted"] == 6 and last.stats["accepted"] == 3
+    assert "".join(c.text for c in chunks) == " w0 w1 w2"
+    assert [c.is_last for c in chunks].count(True) == 1
+    assert eng.drafts == [CFG] and eng.threads == {n for n in eng.threads if n.startswith("knnssd-decode")}
+    assert rep.queue_depth == 0 and rep.served == 1
+    rep.shutdown()
+
+
+def test_replica_plain_when_speculation_is_off():
+    eng = FakeEngine()
+    rep = ModelReplica(AppConfig(), engine=eng, threads=1)
+    asyncio.run(_collect(rep.generate(_req(speculative=False), CFG, ROUTE)))
+    asyncio.run(_collect(rep.generate(_req(), None, None)))
+    assert eng.drafts == [DraftConfig.plain(), DraftConfig.plain()]
+    rep.shutdown()
+
+
+def test_replica_serialises_requests_and_reports_queue_depth():
+    eng = FakeEngine(delay=0.01)
+    rep = ModelReplica(AppConfig(), engine=eng, threads=1)
+
+    async def main():
+        return await asyncio.gather(*(_collect(rep.generate(_req(n=4), CFG, ROUTE)) for _ in range(3)))
+
+    results = asyncio.run(main())
+    assert eng.max_active == 1
+    assert sorted(r[0].queue_depth for r in results) == [1, 2, 3]
+    assert all("".join(c.text for c in r) == " w0 w1 w2 w3" for r in results)
+    rep.shutdown()
+
+
+def test_replica_abandoned_stream_closes_the_engine_and_frees_it():
+    eng = FakeEngine(delay=0.005)
+    rep = ModelReplica(AppConfig(), engine=eng, threads=1)
+
+    async def main():
+        agen = rep.generate(_req(n=50), CFG, ROUTE)
+        await agen.__anext__()
+        await agen.__anext__()
+        await agen.aclose()  # the client went away
+        return await _collect(rep.generate(_req(n=2), CFG, ROUTE))
+
+    second = asyncio.run(main())
+    assert second[-1].usage.completion_tokens == 2
+    assert eng.closed == 2 and rep.queue_depth == 0
+    rep.shutdown()
+
+
+def test_replica_bad_messages_are_a_400():
+    rep = ModelReplica(AppConfig(), engine=FakeEngine(), threads=1)
+    req = BackendRequest(request_id="r", tenant="t", model="m", sampling=SamplingParams(),
+                         messages=[{"role": "tool", "content": "x"}])
+    with pytest.raises(InvalidRequest):
+        asyncio.run(_collect(rep.generate(req, CFG, ROUTE)))
+    assert rep.queue_depth == 0
+    rep.shutdown()
+
+
+def test_replica_prompt_too_long_crosses_processes_as_a_400():
+    import pickle
+
+    from services.errors import PromptTooLong
+
+    rep = ModelReplica(AppConfig(), engine=FakeEngine(), threads=1)
+    with pytest.raises(PromptTooLong) as info:
+        asyncio.run(_collect(rep.generate(_req(prompt="w " * 150), CFG, ROUTE)))
+    back = pickle.loads(pickle.dumps(info.value))  # what Ray does with a deployment's exception
+    assert type(back) is PromptTooLong and back.status == 400 and back.code == "context_length_exceeded"
+    assert "150" in back.message and rep.queue_depth == 0
+    rep.shutdown()
+
+
+# ---------------------------------------------------------------- router service
+
+
+@dataclass
+class FakeStats:
+    redis_errors: int = 0
+    redis_skipped: int = 0
+
+    def snapshot(self):
+        return {"redis_errors": self.redis_errors}
+
+
+@dataclass
+class FakeSource:
+    version: str = "v1"
+    pins: dict = field(default_factory=dict)
+
+    def current(self, tenant=None):
+        return self
+
+    def pin(self, tenant, version):
+        if version == "missing":
+            raise RuntimeError("no such version")
+        self.pins[tenant] = version
+
+    def unpin(self, tenant):
+        self.pins.pop(tenant, None)
+
+
+class FakeRouter:
+    def __init__(self):
+        self.source = FakeSource()
+        self.stats = FakeStats()
+        self.cache = object()
+        self.calls = []
+
+    def route(self, prompt=None, *, messages=None, tenant="default"):
+        from router.decision import RouteDecision
+
+        self.calls.append((prompt, messages, tenant))
+        if prompt == "redis down":
+            self.stats.redis_errors += 1
+        return RouteDecision(domain="code", config=CFG, similarity=0.8, index_version="v1", cached=True)
+
+    def close(self):
+        pass
+
+
+def test_router_service_answers_config_and_route_info():
+    fr = FakeRouter()
+    svc = RouterService(AppConfig(), router=fr)
+    routed = asyncio.run(svc.route("write code", None, "acme", None))
+    assert routed.config == CFG and routed.similarity == 0.8
+    assert routed.info.domain == "code" and routed.info.config_id == CFG.config_id and routed.info.index_version == "v1"
+    assert routed.info.cache_hit is True and routed.info.redis_error is False
+    assert asyncio.run(svc.route("redis down")).info.redis_error is True
+    msgs = [{"role": "user", "content": "hi"}]
+    asyncio.run(svc.route(None, msgs, "acme"))
+    assert fr.calls[-1] == (None, msgs, "acme")
+
+
+def test_router_service_pins_tenants_and_survives_a_bad_pin():
+    fr = FakeRouter()
+    svc = RouterService(AppConfig(), router=fr)
+    svc.route_sync("p", tenant="a", index_version="v0")
+    assert fr.source.pins == {"a": "v0"}
+    svc.route_sync("p", tenant="a", index_version=None)
+    assert fr.source.pins == {}
+    svc.route_sync("p", tenant="b", index_version="missing")  # logged, routed with the current version
+    assert fr.source.pins == {} and len(fr.calls) == 3
+
+
+def test_router_key_prefix_matches_the_index_publisher():
+    assert router_key_prefix("knnssd:") == ""
+    assert router_key_prefix("test:ab:knnssd:") == "test:ab:"
+    assert router_key_prefix("test:ab:") == "test:ab:"
+
+
+# ---------------------------------------------------------------- Ray backend over fake handles
+
+
+class _Remote:
+    def __init__(self, fn):
+        self.fn = fn
+
+    def remote(self, *args):
+        return self.fn(*args)
+
+
+class FakeRouterHandle:
+    def __init__(self, fail=False):
+        self.fail = fail
+        self.route = _Remote(self._route)
+
+    async def _route(self, prompt, messages, tenant, version):
+        if self.fail:
+            raise RuntimeError("router down")
+        return Routed(config=CFG, info=ROUTE)
+
+
+class FakeGen:
+    def __init__(self, agen):
+        self.agen = agen
+        self.cancelled = False
+
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self):
+        return await self.agen.__anext__()
+
+    def cancel(self):
+        self.cancelled = True
+
+
+class FakeReplicaHandle:
+    def __init__(self, replica):
+        self.replica = replica
+        self.gens = []
+        self.stream = None
+        self.generate = _Remote(self._generate)
+
+    def options(self, stream=False):
+        self.stream = stream
+        return self
+
+    def _generate(self, req, draft, route):
+        g = FakeGen(self.replica.generate(req, draft, route))
+        self.gens.append(g)
+        return g
+
+
+def test_ray_backend_routes_then_streams():
+    eng = FakeEngine()
+    rh = FakeReplicaHandle(ModelReplica(AppConfig(), engine=eng, threads=1))
+    be = RayBackend(FakeRouterHandle(), rh, ["smollm2"])
+    chunks = asyncio.run(_collect(be.stream(_req(n=2))))
+    assert rh.stream is True and eng.drafts == [CFG]
+    assert chunks[0].route == ROUTE and chunks[-1].is_last and not rh.gens[0].cancelled
+    assert be.models() == ["smollm2"]
+
+
+def test_ray_backend_decodes_plain_when_routing_fails_or_is_off():
+    eng = FakeEngine()
+    rh = FakeReplicaHandle(ModelReplica(AppConfig(), engine=eng, threads=1))
+    be = RayBackend(FakeRouterHandle(fail=True), rh, ["smollm2"])
+    chunks = asyncio.run(_collect(be.stream(_req(n=2))))
+    assert eng.drafts == [DraftConfig.plain()] and be.route_failures == 1
+    assert chunks[0].route.fallback and chunks[0].route.config_id == "plain"
+    be2 = RayBackend(FakeRouterHandle(fail=True), rh, ["smollm2"])
+    asyncio.run(_collect(be2.stream(_req(n=2, speculative=False))))
+    assert be2.route_failures == 0  # not even asked
+
+
+def test_ray_backend_cancels_an_abandoned_replica_call():
+    rh = FakeReplicaHandle(ModelReplica(AppConfig(), engine=FakeEngine(), threads=1))
+    be = RayBackend(FakeRouterHandle(), rh, ["smollm2"])
+
+    async def main():
+        agen = be.stream(_req(n=20))
+        await agen.__anext__()
+        await agen.aclose()
+
+    asyncio.run(main())
+    assert rh.gens[0].cancelled
+
+
+# ---------------------------------------------------------------- ingress and Serve config
+
+
+def test_gateway_ingress_builds_the_app_with_injected_collaborators():
+    from services.app import GatewayIngress
+    from services.metrics import ServiceMetrics
+    from services.tenants import Tenant, TenantStore
+
+    tenant, key = Tenant.create("t")
+    ing = GatewayIngress(AppConfig(), FakeRouterHandle(), FakeReplicaHandle(None),
+                         tenants=TenantStore(None, tenants=[tenant]), limiter=None, usage=None, metrics=ServiceMetrics())
+    app = ing.__serve_build_asgi_app__()
+    paths = {r.path for r in app.routes}
+    assert {"/v1/completions", "/v1/chat/completions", "/v1/models", "/health", "/metrics"} <= paths
+
+
+def test_build_app_binds_three_deployments_from_the_config():
+    from services.app import build_app
+
+    cfg = AppConfig()
+    app = build_app({"config": cfg.model_dump(mode="json")})
+    ingress = app._bound_deployment
+    assert ingress.name == "Gateway" and ingress.max_ongoing_requests == 64
+    names = {a._bound_deployment.name: a._bound_deployment for a in ingress.init_args[1:]}
+    assert set(names) == {"Router", "ModelReplica"}
+    assert names["ModelReplica"].max_ongoing_requests == cfg.deployments.replica.max_ongoing_requests
+    assert names["ModelReplica"].ray_actor_options["num_cpus"] == 1.0
+
+
+def test_shipped_serve_config_is_up_to_date():
+    from services.serve_cmd import SERVE_CONFIG_PATH, render_serve_config
+
+    assert SERVE_CONFIG_PATH.read_text() == render_serve_config(), (
+        "services/serve_config.yaml is stale: run `knnssd serve --write-serve-config`"
+    )
+    import yaml
+    from ray.serve.schema import ServeDeploySchema
+
+    schema = ServeDeploySchema.model_validate(yaml.safe_load(SERVE_CONFIG_PATH.read_text()))
+    app = schema.applications[0]
+    assert app.import_path == "services.app:build_app"
+    assert [d.name for d in app.deployments] == ["Gateway", "Router", "ModelReplica"]
+    assert AppConfig.model_validate(app.args["config"]) == AppConfig(redis_url="redis://127.0.0.1:6379/0")
+
+
+def test_dev_tenant_is_created_once_and_kept():
+    from services.serve_cmd import ensure_dev_tenant
+
+    class Store:
+        def __init__(self):
+            self.tenants = {}
+
+        def authenticate(self, key):
+            return next((t for t, k in self.tenants.values() if k == key), None)
+
+        def get(self, name):
+            return self.tenants.get(name, (None,))[0]
+
+        def remove(self, name):
+            return self.tenants.pop(name, None) is not None
+
+        def add(self, name, key):
+            from services.tenants import Tenant
+
+            t, k = Tenant.create(name, key=key)
+            self.tenants[name] = (t, k)
+            return t, k
+
+    s = Store()
+    t1 = ensure_dev_tenant(s, "sk-1")
+    assert ensure_dev_tenant(s, "sk-1") is t1
+    t2 = ensure_dev_tenant(s, "sk-2")  # a new key replaces the old dev tenant
+    assert t2.name == "dev" and s.authenticate("sk-1") is None
+    s.add("other", "sk-3")
+    with pytest.raises(ValueError):
+        ensure_dev_tenant(s, "sk-3")
