@@ -79,6 +79,11 @@ class GatewayIngress:
     def __serve_build_asgi_app__(self):
         return self.build_asgi_app()
 
+    def __del__(self) -> None:  # Serve's replica shutdown hook
+        client = getattr(self, "_redis", None)
+        if client is not None:
+            client.close()
+
 
 def build_app(args: Any = None):
     """Bind Gateway -> (Router, ModelReplica) into one Serve application (the `import_path` target)."""

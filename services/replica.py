@@ -75,6 +75,7 @@ class ModelReplica:
         self.name = name or f"{socket.gethostname()}:{os.getpid()}"
         self._lock: asyncio.Lock | None = None
         self._ongoing = 0
+        self._closed = False
         self.served = 0
 
     def _load_engine(self) -> StreamingEngine:
@@ -93,11 +94,16 @@ class ModelReplica:
 
     def check_health(self) -> None:
         """Serve calls this periodically; a raise restarts the replica."""
-        if self._executor._shutdown:  # noqa: SLF001 - no public flag; a shut executor can never decode again
-            raise RuntimeError("the decode thread is shut down")
+        if self._closed:
+            raise RuntimeError("this replica is shut down")
 
     def shutdown(self) -> None:
+        self._closed = True
         self._executor.shutdown(wait=False, cancel_futures=True)
+
+    def __del__(self) -> None:  # Serve's replica shutdown hook
+        if hasattr(self, "_executor"):
+            self.shutdown()
 
     # ---------------------------------------------------------------- decoding
 

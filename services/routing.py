@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,19 +57,28 @@ def router_key_prefix(redis_prefix: str) -> str:
 
 
 def default_index_root() -> Path:
-    """The index artefact shipped for the bundled model (built on first use if the index stage does that)."""
-    import index
+    """The index artefact shipped for the bundled model, used when `AppConfig.index_path` is not set.
 
-    for name in ("default_index_root", "ensure_default_index"):
-        for module in ("index.default", "index.artefact", "index.build"):
-            try:
-                mod = __import__(module, fromlist=[name])
-            except ImportError:
-                continue
-            fn = getattr(mod, name, None)
-            if callable(fn):
-                return Path(fn())
-    return Path(index.__file__).resolve().parent / "default_artefact"
+    In order: `$KNNSSD_INDEX`; the index stage's own `index.build.default_index_root()` if it has one;
+    the artefact root (a directory holding CURRENT) shipped inside the `index` package, shallowest first;
+    else `$KNNSSD_CACHE/index/default` (where `knnssd index build --out` can put one).
+    """
+    env = os.environ.get("KNNSSD_INDEX")
+    if env:
+        return Path(env).expanduser()
+    import index
+    import index.build
+
+    own = getattr(index.build, "default_index_root", None)
+    if callable(own):
+        return Path(own())
+    pkg = Path(index.__file__).resolve().parent
+    shipped = sorted((p.parent for p in pkg.glob("**/CURRENT") if len(p.relative_to(pkg).parts) <= 4),
+                     key=lambda d: (len(d.parts), str(d)))
+    if shipped:
+        return shipped[0]
+    cache = Path(os.environ.get("KNNSSD_CACHE", "~/.cache/knnssd")).expanduser()
+    return cache / "index" / "default"
 
 
 def resolve_index_root(config: AppConfig) -> Path:
@@ -176,3 +186,11 @@ class RouterService:
 
     def shutdown(self) -> None:
         self.router.close()
+
+    def __del__(self) -> None:  # Serve's replica shutdown hook: stop the reload thread, close Redis
+        router = getattr(self, "router", None)
+        if router is not None:
+            try:
+                router.close()
+            except Exception:  # noqa: BLE001 - best effort at shutdown
+                log.debug("closing the router failed", exc_info=True)

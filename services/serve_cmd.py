@@ -61,6 +61,24 @@ def ensure_dev_tenant(store, key: str, name: str = DEV_TENANT):
     return tenant
 
 
+def check_index(index_root: Path, model_hash: str | None = None) -> None:
+    """Load and verify the index once before starting (a clear error now beats a failing Router replica)."""
+    from index.artefact import ArtefactError, load_artefact
+
+    try:
+        art = load_artefact(index_root)
+    except ArtefactError as exc:
+        raise typer.BadParameter(
+            f"no usable index at {index_root}: {exc}. Build one with `knnssd index build --data index/data/default "
+            f"--out DIR` and set `index_path: DIR` in a --config file.", param_hint="index_path"
+        ) from None
+    m = art.manifest
+    _say(f"index: {index_root} (version {m.version}, {len(m.domains)} domains: {', '.join(sorted(m.domains))})")
+    if model_hash is not None and m.model_hash != model_hash:
+        _say(f"warning: the index was built for {m.model_id} (weights {m.model_hash}), not the served weights "
+             f"({model_hash}); its draft configs were not measured on this model")
+
+
 def _is_loopback(host: str) -> bool:
     if host == "localhost":
         return True
@@ -116,9 +134,14 @@ def serve(
     signal.signal(signal.SIGTERM, _raise_interrupt)
     ray_started = False
     try:
+        source = cfg.model_path or cfg.model
+        _say(f"model: {source} (the first start converts the bundled GGUF once, ~30 s)")
+        from engine.load import resolve_model_dir, weights_hash
+
+        model_dir, _ = resolve_model_dir(source)  # fails fast on an unknown model; replicas then load in <1 s
         index_root = resolve_index_root(cfg)
+        check_index(index_root, weights_hash(model_dir))
         cfg = cfg.model_copy(update={"index_path": str(index_root)})
-        _say(f"index: {index_root}")
 
         if not no_dev_tenant:
             if dev_key == DEV_KEY and not _is_loopback(cfg.http.host):
@@ -140,7 +163,7 @@ def serve(
         ray.init(address=ray_address, include_dashboard=False, runtime_env={"env_vars": env}, log_to_driver=True)
         ray_started = True
         serve.start(http_options={"host": cfg.http.host, "port": cfg.http.port})
-        _say(f"starting the app (model {cfg.model_path or cfg.model}; the first start converts the GGUF once, ~30 s)")
+        _say("starting the app...")
         serve.run(build_app(cfg), name=cfg.serve.name, route_prefix=cfg.serve.route_prefix)
 
         shown_host = "127.0.0.1" if cfg.http.host in ("0.0.0.0", "::") else cfg.http.host
