@@ -229,6 +229,13 @@ def test_speculative_on_and_off_give_identical_greedy_text(oa, endpoint):
     assert plain_info["stats"]["drafted"] == 0
 
 
+def test_seeded_sampling_is_reproducible(oa):
+    kw = dict(model=MODEL, prompt="Tell me a story about a cat.", max_tokens=8, temperature=0.8, top_p=0.95,
+              seed=7, extra_body={"top_k": 40})
+    a, b = oa.completions.create(**kw), oa.completions.create(**kw)
+    assert a.choices[0].text == b.choices[0].text and a.choices[0].text.strip()
+
+
 # ---------------------------------------------------------------- limits and errors
 
 
@@ -383,3 +390,7 @@ def test_metrics_carry_speculative_routing_and_http_counters(http):
                if line.startswith("knnssd_spec_decode_draft_tokens_total{") and 'domain="code"' in line]
     assert drafted and float(drafted[0].rsplit(" ", 1)[1]) > 0
     assert 'status="401"' in text and 'status="429"' in text
+
+    usage = http.get("/v1/usage").json()  # the caller's own counters, kept in Redis
+    assert usage["tenant"] == "main" and usage["total"]["requests"] >= 10
+    assert usage["total"]["completion_tokens"] > 0
