@@ -147,8 +147,14 @@ class Engine:
             return 0.0
         seq = torch.tensor(prompt_ids + continuation_ids[:-1])
         n_prompt = len(prompt_ids)
+        int8 = draft.quantize == "int8"
+        if int8:
+            self.lean.prepare_int8()
+        head = self.lean.draft_head(draft.draft_vocab, int8)
         with torch.inference_mode():
-            logits = self.lean.forward(seq, 0, frozenset(draft.skip_attn), frozenset(draft.skip_mlp))
+            logits = self.lean.forward(
+                seq, 0, frozenset(draft.skip_attn), frozenset(draft.skip_mlp), int8=int8, head=head
+            )
         pred = logits[n_prompt - 1 :].argmax(dim=-1)  # [C]
         return float((pred == torch.tensor(continuation_ids)).float().mean())
 
