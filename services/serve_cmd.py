@@ -68,9 +68,12 @@ def check_index(index_root: Path, model_hash: str | None = None) -> None:
     try:
         art = load_artefact(index_root)
     except ArtefactError as exc:
+        from services.routing import default_index_root
+
         raise typer.BadParameter(
             f"no usable index at {index_root}: {exc}. Build one with `knnssd index build --data index/data/default "
-            f"--out DIR` and set `index_path: DIR` in a --config file.", param_hint="index_path"
+            f"--out {default_index_root()}` (used by default from there), or point `index_path` in a --config "
+            "file (or $KNNSSD_INDEX) at an artefact root.", param_hint="index_path"
         ) from None
     m = art.manifest
     _say(f"index: {index_root} (version {m.version}, {len(m.domains)} domains: {', '.join(sorted(m.domains))})")
