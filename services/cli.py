@@ -11,6 +11,7 @@ import typer
 from engine.cli import bench_engine, generate
 from index.cli import index_app
 from router.bench import bench_route
+from services.k8s_cli import k8s_app
 from services.serve_cmd import serve
 from services.tenants_cli import tenants_app
 
@@ -19,6 +20,7 @@ bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks: each runs both s
 app.add_typer(bench_app, name="bench")
 app.add_typer(index_app, name="index")
 app.add_typer(tenants_app, name="tenants")
+app.add_typer(k8s_app, name="k8s")
 
 app.command("generate")(generate)
 app.command("serve")(serve)
