@@ -104,10 +104,10 @@ def _exact_joint(smollm2, ids, params, length):
 
 
 def test_sampled_speculative_output_follows_target_distribution(smollm2):
-    """Three tokens, top-k 3: 27 outcomes whose exact probabilities the full model gives. A heavily
+    """Three tokens, top-k 2: 8 outcomes whose exact probabilities the full model gives. A heavily
     skipped draft (very different from the target) must still yield the target's joint distribution."""
     ids = smollm2.tokenizer("The best thing about summer is").input_ids
-    params = SamplingParams(max_new_tokens=3, temperature=1.5, top_k=3)
+    params = SamplingParams(max_new_tokens=3, temperature=1.5, top_k=2)
     # Every knob that changes the draft distribution at once: skipped sub-layers, int8 weights, a
     # vocabulary-subset head (q = 0 outside it) and the adaptive threshold.
     draft = DraftConfig(
@@ -115,7 +115,7 @@ def test_sampled_speculative_output_follows_target_distribution(smollm2):
         quantize="int8", draft_vocab=4096, adaptive=True,
     )
     exact = _exact_joint(smollm2, ids, params, 3)
-    n = 600
+    n = 300
     counts = dict.fromkeys(exact, 0)
     drafted = accepted = 0
     for seed in range(n):
@@ -128,6 +128,7 @@ def test_sampled_speculative_output_follows_target_distribution(smollm2):
     big = [k for k in keys if exact[k] * n >= 5]
     obs = [counts[k] for k in big] + [sum(counts[k] for k in keys if k not in big)]
     exp = [exact[k] * n for k in big] + [sum(exact[k] for k in keys if k not in big) * n]
+    exp = [e * n / sum(exp) for e in exp]  # exact sums: scipy refuses float drift of 1e-8
     assert chisquare(obs, exp).pvalue > 1e-3
 
 
