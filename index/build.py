@@ -48,10 +48,11 @@ class BuildSettings(BaseModel):
     workers: int = Field(1, ge=1, description="Domains searched in parallel (local processes or Ray tasks), each loading the engine once.")
     seed: int = Field(0, description="Seed for k-means and the search; the same seed and data reproduce the screening.")
     model: str = Field("smollm2", description="Engine model name (bundled name or a Hugging Face model directory).")
-    max_new_tokens: int = Field(48, ge=2, description="Tokens generated per measured run when comparing against plain decoding.")
+    max_new_tokens: int = Field(32, ge=2, description="Tokens generated per measured run when comparing against plain decoding.")
     measure_prompts: int = Field(3, ge=1, description="Prompts per domain whose tokens/s is measured.")
     screen_prompts: int = Field(4, ge=1, description="Prompts per domain whose greedy continuation screens candidates.")
-    n_measure: int = Field(3, ge=1, description="Best screened candidates per domain that are measured.")
+    n_measure: int = Field(2, ge=1, description="Best screened candidates per domain that are measured.")
+    measure_rounds: int = Field(3, ge=1, description="Interleaved measurement rounds; each (config, prompt) keeps its fastest run.")
     layer_profile_prompts: int = Field(2, ge=0, description="Prompts per domain for the per-layer agreement plot (0 disables it).")
     threshold_quantile: float = Field(
         0.02, ge=0.0, le=1.0, description="The router's fallback threshold is this quantile of corpus prompts' similarity to their nearest centroid..."
@@ -67,6 +68,7 @@ class BuildSettings(BaseModel):
             measure_prompts=self.measure_prompts,
             screen_prompts=self.screen_prompts,
             n_measure=self.n_measure,
+            measure_rounds=self.measure_rounds,
             layer_profile_prompts=self.layer_profile_prompts,
         )
 

@@ -22,7 +22,7 @@ def build_cmd(
     k: int = typer.Option(2, "--k", min=1, help="Centroids per domain."),
     model: str = typer.Option("smollm2", "--model", help="Engine model name or Hugging Face model directory."),
     representation: str = typer.Option("minilm", "--representation", help="'minilm' or 'llm-hidden'."),
-    max_new_tokens: int = typer.Option(48, "--max-new-tokens", min=2, help="Tokens per measured run."),
+    max_new_tokens: int = typer.Option(32, "--max-new-tokens", min=2, help="Tokens per measured run."),
     measure_prompts: int = typer.Option(3, "--measure-prompts", min=1, help="Prompts per domain measured for tokens/s."),
     threads: int = typer.Option(0, "--threads", min=0, help="torch threads (0: torch's default)."),
 ) -> None:

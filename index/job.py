@@ -75,10 +75,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--k", type=int, default=2, help="Centroids per domain.")
     p.add_argument("--model", default="smollm2", help="Engine model name or Hugging Face model directory.")
     p.add_argument("--representation", default="minilm", choices=["minilm", "llm-hidden"], help="Prompt representation.")
-    p.add_argument("--max-new-tokens", type=int, default=48, help="Tokens per measured run.")
+    p.add_argument("--max-new-tokens", type=int, default=32, help="Tokens per measured run.")
     p.add_argument("--measure-prompts", type=int, default=3, help="Prompts per domain measured for tokens/s.")
     p.add_argument("--screen-prompts", type=int, default=4, help="Prompts per domain used for screening.")
-    p.add_argument("--n-measure", type=int, default=3, help="Best screened candidates measured per domain.")
+    p.add_argument("--n-measure", type=int, default=2, help="Best screened candidates measured per domain.")
+    p.add_argument("--measure-rounds", type=int, default=3, help="Interleaved measurement rounds (fastest run counts).")
     p.add_argument("--layer-profile-prompts", type=int, default=2, help="Prompts for the per-layer profile (0: off).")
     p.add_argument("--redis-url", default=os.environ.get("REDIS_URL"), help="Publish the new version here (default $REDIS_URL; none: do not publish).")
     p.add_argument("--redis-prefix", default="", help="Prefix for the Redis key and channel (tests).")
@@ -109,6 +110,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         measure_prompts=args.measure_prompts,
         screen_prompts=args.screen_prompts,
         n_measure=args.n_measure,
+        measure_rounds=args.measure_rounds,
         layer_profile_prompts=args.layer_profile_prompts,
         progress=not args.no_progress,
     )

@@ -6,8 +6,10 @@
    expected speedup with a cost model of the draft (`proxy_speedup`). Candidates come from optuna's TPE
    sampler interleaved with sparse random proposals; `budget` candidates in all, seeded.
 3. Measurement (Draft&Verify's objective): the top `n_measure` candidates and plain decoding run on the
-   same prompts, interleaved in each round; a candidate's speedup is the median over (prompt, round) of
-   plain time / its time. The best one wins if it beats `min_speedup`, else the domain gets plain.
+   same prompts, interleaved, for a few rounds; each (config, prompt) keeps its fastest round (other load
+   only adds time) and a candidate's speedup is the median over prompts of plain time / its time. It must
+   be lossless and physically plausible (at most its tokens per verify pass); the best one wins if it
+   beats `min_speedup`, else the domain gets plain.
 4. A per-layer profile for the plot: agreement when the draft skips only layer i (attention and MLP).
 
 The engine is typed by the `SearchEngine` protocol, so tests drive this with a small fake.
@@ -66,10 +68,11 @@ class SearchSettings(BaseModel):
     seed: int = Field(0, description="Seed for prompt choice, random proposals and TPE; the same seed reproduces the search.")
     screen_prompts: int = Field(4, ge=1, description="Prompts whose greedy continuation screens each candidate.")
     screen_tokens: int = Field(32, ge=2, description="Length of the greedy continuation used for screening.")
-    n_measure: int = Field(3, ge=1, description="Best screened candidates whose tokens/s is measured against plain decoding.")
+    n_measure: int = Field(2, ge=1, description="Best screened candidates whose tokens/s is measured against plain decoding.")
     measure_prompts: int = Field(3, ge=1, description="Prompts per domain on which tokens/s is measured.")
-    measure_rounds: int = Field(1, ge=1, description="Interleaved rounds of measurement (each round runs plain and every candidate once per prompt).")
-    max_new_tokens: int = Field(48, ge=2, description="Tokens generated per measured run.")
+    measure_rounds: int = Field(3, ge=1, description="Interleaved rounds of measurement (each runs plain and every candidate once per prompt); the fastest round counts.")
+    plausibility_slack: float = Field(0.05, ge=0.0, description="A measured speedup above tokens-per-verify-pass x (1 + this) is treated as disturbed timing and disqualified.")
+    max_new_tokens: int = Field(32, ge=2, description="Tokens generated per measured run.")
     min_speedup: float = Field(1.03, ge=0.0, description="A candidate must measure at least this speedup over plain, or the domain gets plain.")
     random_fraction: float = Field(0.4, ge=0.0, le=1.0, description="Share of candidates proposed at random (sparse skip sets) rather than by TPE.")
     protect_first: int = Field(1, ge=0, description="Leading layers never skipped (early layers matter most for drafts).")
@@ -97,12 +100,13 @@ class Measured(BaseModel):
     """One candidate measured against plain decoding."""
 
     config: DraftConfig = Field(description="The measured draft configuration.")
-    speedup: float = Field(description="Median over (prompt, round) of plain time / candidate time.")
+    speedup: float = Field(description="Median over prompts of plain time / candidate time (fastest round of each).")
     tokens_per_s: float = Field(description="Median tokens/s of the candidate.")
     plain_tokens_per_s: float = Field(description="Median tokens/s of plain decoding in the same rounds.")
     acceptance: float = Field(description="Accepted / drafted tokens over all runs.")
     mean_accepted_tokens: float = Field(description="Committed tokens per verify pass over all runs.")
     lossless: bool = Field(description="Whether every run produced exactly plain decoding's tokens.")
+    plausible: bool = Field(True, description="Whether the speedup is at most the tokens per verify pass (else the timing was disturbed).")
 
 
 class DomainResult(BaseModel):
@@ -346,13 +350,13 @@ def search_domain(
             study.tell(trial, proxy)
             bar.advance(description=f"{name}: screening (best proxy {max(c.proxy for c in candidates):.2f}x)")
 
-        # 4. measurement: plain and the top candidates, interleaved per prompt and round
+        # 4. measurement: plain and the top candidates, interleaved per prompt and round. Other load
+        # on the machine only ever adds time, so each (config, prompt) keeps its fastest round.
         top = sorted(candidates, key=lambda c: (-c.proxy, c.config.config_id))[: s.n_measure]
         measure_params = SamplingParams(max_new_tokens=s.max_new_tokens, temperature=0.0)
         m_ids = [engine.encode_prompt(prompt=r.prompt, messages=r.messages_list()) for r in measure_recs]
-        ratios: dict[int, list[float]] = {j: [] for j in range(len(top))}
-        tps: dict[int, list[float]] = {j: [] for j in range(len(top))}
-        plain_tps: list[float] = []
+        best_t: dict[tuple[int | None, int], float] = {}
+        n_tok: dict[tuple[int | None, int], int] = {}
         agg = {j: [0, 0, 0, 0] for j in range(len(top))}  # drafted, accepted, decoded, steps
         lossless = {j: True for j in range(len(top))}
         for rnd in range(s.measure_rounds):
@@ -361,14 +365,15 @@ def search_domain(
                 runs: list[int | None] = [None, *range(len(top))]
                 shift = (rnd + pi) % len(runs)
                 runs = runs[shift:] + runs[:shift]
-                times: dict[int | None, float] = {}
                 tokens: dict[int | None, list[int]] = {}
                 for j in runs:
                     cfg = plain if j is None else top[j].config
                     start = clock()
                     res = engine.generate(ids, measure_params, cfg)
-                    times[j] = max(clock() - start, 1e-9)
+                    dt = max(clock() - start, 1e-9)
+                    best_t[(j, pi)] = min(dt, best_t.get((j, pi), math.inf))
                     tokens[j] = list(res.token_ids)
+                    n_tok[(j, pi)] = max(len(res.token_ids), 1)
                     if j is not None:
                         st = res.stats
                         agg[j][0] += st.drafted
@@ -376,29 +381,38 @@ def search_domain(
                         agg[j][2] += max(st.new_tokens - 1, 0)
                         agg[j][3] += st.steps
                     bar.advance(description=f"{name}: measuring")
-                n_plain = max(len(tokens[None]), 1)
-                plain_tps.append(n_plain / times[None])
                 for j in range(len(top)):
                     lossless[j] &= tokens[j] == tokens[None]
-                    ratios[j].append(times[None] / times[j])
-                    tps[j].append(max(len(tokens[j]), 1) / times[j])
 
-    measured = [
-        Measured(
-            config=top[j].config,
-            speedup=round(_median(ratios[j]), 4),
-            tokens_per_s=round(_median(tps[j]), 3),
-            plain_tokens_per_s=round(_median(plain_tps), 3),
-            acceptance=round(agg[j][1] / agg[j][0], 4) if agg[j][0] else 0.0,
-            mean_accepted_tokens=round(agg[j][2] / agg[j][3], 4) if agg[j][3] else 0.0,
-            lossless=lossless[j],
+    prompts_idx = range(len(m_ids))
+    plain_tps = [n_tok[(None, pi)] / best_t[(None, pi)] for pi in prompts_idx]
+    measured = []
+    for j in range(len(top)):
+        speedup = _median([best_t[(None, pi)] / best_t[(j, pi)] for pi in prompts_idx])
+        tokens_per_step = agg[j][2] / agg[j][3] if agg[j][3] else 0.0
+        measured.append(
+            Measured(
+                config=top[j].config,
+                speedup=round(speedup, 4),
+                tokens_per_s=round(_median([n_tok[(j, pi)] / best_t[(j, pi)] for pi in prompts_idx]), 3),
+                plain_tokens_per_s=round(_median(plain_tps), 3),
+                acceptance=round(agg[j][1] / agg[j][0], 4) if agg[j][0] else 0.0,
+                mean_accepted_tokens=round(tokens_per_step, 4),
+                lossless=lossless[j],
+                # A verify pass costs at least a plain pass, so no config can beat plain by more than its
+                # tokens per verify pass; a larger measured ratio means the timing was disturbed.
+                plausible=speedup <= tokens_per_step * (1.0 + s.plausibility_slack),
+            )
         )
-        for j in range(len(top))
-    ]
     for m in measured:
         if not m.lossless:
             log.warning("domain %s: config %s changed greedy output; disqualified", name, m.config.config_id)
-    ok = [m for m in measured if m.lossless and m.speedup >= s.min_speedup and math.isfinite(m.speedup)]
+        if not m.plausible:
+            log.warning(
+                "domain %s: config %s measured %.2fx with %.2f tokens per step (impossible; timing disturbed); disqualified",
+                name, m.config.config_id, m.speedup, m.mean_accepted_tokens,
+            )  # fmt: skip
+    ok = [m for m in measured if m.lossless and m.plausible and m.speedup >= s.min_speedup and math.isfinite(m.speedup)]
     best = max(ok, key=lambda m: (m.speedup, m.config.config_id), default=None)
     common = dict(
         name=name,

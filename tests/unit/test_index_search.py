@@ -149,3 +149,44 @@ def test_proxy_and_cost_model():
 def test_empty_domain_rejected():
     with pytest.raises(ValueError, match="no prompts"):
         search_domain(FakeEngine(FakeClock()), "x", [], SMALL, progress=False)
+
+
+class NoisyEngine(FakeEngine):
+    """Plain runs are stalled 5x (another process stole the CPU) in every measurement round but one."""
+
+    def __init__(self, clock, **kw):
+        super().__init__(clock, **kw)
+        self.plain_runs = 0
+
+    def generate(self, ids, params, draft):
+        t0 = self.clock.t
+        res = super().generate(ids, params, draft)
+        if not draft.enabled and params.max_new_tokens == SMALL.max_new_tokens:
+            self.plain_runs += 1
+            if self.plain_runs not in (3, 4):  # 2 prompts x 3 rounds: only round 2 runs undisturbed
+                self.clock.t += 4 * (self.clock.t - t0)
+        return res
+
+
+def test_fastest_round_counts():
+    clock = FakeClock()
+    quiet, _ = _run()
+    noisy = search_domain(NoisyEngine(clock), "math", _records(), SMALL, progress=False, clock=clock)
+    assert noisy.speedup == pytest.approx(quiet.speedup)
+
+
+class LyingEngine(FakeEngine):
+    """Speculative runs are fast, but the stats say one token per verify pass: a disturbed timing."""
+
+    def generate(self, ids, params, draft):
+        res = super().generate(ids, params, draft)
+        if draft.enabled:
+            res.stats.steps = res.stats.new_tokens - 1
+        return res
+
+
+def test_implausible_speedup_disqualified():
+    clock = FakeClock()
+    res = search_domain(LyingEngine(clock), "math", _records(), SMALL, progress=False, clock=clock)
+    assert res.measured and not any(m.plausible for m in res.measured)
+    assert res.config == DraftConfig.plain()
