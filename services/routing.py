@@ -57,26 +57,16 @@ def router_key_prefix(redis_prefix: str) -> str:
 
 
 def default_index_root() -> Path:
-    """The index artefact shipped for the bundled model, used when `AppConfig.index_path` is not set.
-
-    In order: `$KNNSSD_INDEX`; the index stage's own `index.build.default_index_root()` if it has one;
-    the artefact root (a directory holding CURRENT) shipped inside the `index` package, shallowest first;
-    else `$KNNSSD_CACHE/index/default` (where `knnssd index build --out` can put one).
-    """
+    """The index artefact shipped for the bundled model, used when `AppConfig.index_path` is not set:
+    `$KNNSSD_INDEX` if set, else the index stage's `index.artefact.DEFAULT_ROOT` (index/artefacts/default)."""
     env = os.environ.get("KNNSSD_INDEX")
     if env:
         return Path(env).expanduser()
-    import index
-    import index.build
+    from index import artefact
 
-    own = getattr(index.build, "default_index_root", None)
-    if callable(own):
-        return Path(own())
-    pkg = Path(index.__file__).resolve().parent
-    shipped = sorted((p.parent for p in pkg.glob("**/CURRENT") if len(p.relative_to(pkg).parts) <= 4),
-                     key=lambda d: (len(d.parts), str(d)))
-    if shipped:
-        return shipped[0]
+    shipped = getattr(artefact, "DEFAULT_ROOT", None)
+    if shipped is not None:
+        return Path(shipped)
     cache = Path(os.environ.get("KNNSSD_CACHE", "~/.cache/knnssd")).expanduser()
     return cache / "index" / "default"
 

@@ -406,3 +406,17 @@ def test_dev_tenant_is_created_once_and_kept():
     s.add("other", "sk-3")
     with pytest.raises(ValueError):
         ensure_dev_tenant(s, "sk-3")
+
+
+def test_default_index_root(monkeypatch, tmp_path):
+    from index import artefact
+    from services.routing import default_index_root, resolve_index_root
+
+    monkeypatch.setenv("KNNSSD_INDEX", str(tmp_path))
+    assert default_index_root() == tmp_path
+    monkeypatch.delenv("KNNSSD_INDEX")
+    shipped = getattr(artefact, "DEFAULT_ROOT", None)
+    if shipped is not None:
+        assert default_index_root() == shipped
+    assert resolve_index_root(AppConfig(index_path=str(tmp_path / "x"))) == tmp_path / "x"
+    assert resolve_index_root(AppConfig()) == default_index_root()
