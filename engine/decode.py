@@ -31,6 +31,9 @@ class PromptTooLongError(ValueError):
             f"tokens (context length {limit}); shorten the prompt"
         )
 
+    def __reduce__(self):  # crosses process boundaries (Ray) intact
+        return (PromptTooLongError, (self.prompt_tokens, self.limit))
+
 
 def decode(
     model: LeanModel,

@@ -99,3 +99,12 @@ def test_prompt_lookup_ngram():
     assert lookup_ngram(torch.tensor([1, 2, 3, 4]), 3, 4).numel() == 0  # no earlier occurrence
     # falls back to shorter n-grams, preferring the latest occurrence
     assert lookup_ngram(torch.tensor([3, 1, 3, 2, 9, 3]), 2, 1).tolist() == [2]
+
+
+def test_prompt_too_long_error_pickles():
+    import pickle
+
+    from engine.decode import PromptTooLongError
+
+    e = pickle.loads(pickle.dumps(PromptTooLongError(5000, 4096)))
+    assert (e.prompt_tokens, e.limit) == (5000, 4096) and "4095" in str(e)
