@@ -3,14 +3,18 @@
 1. Continuations: each screening prompt's greedy continuation, generated once with DraftConfig.plain().
 2. Screening (SWIFT's "matchness"): for a candidate, the teacher-forced fraction of continuation
    positions where the draft's argmax equals the continuation (`Engine.draft_agreement`), turned into an
-   expected speedup with a cost model of the draft (`proxy_speedup`). Candidates come from optuna's TPE
-   sampler interleaved with sparse random proposals; `budget` candidates in all, seeded.
+   expected speedup with a cost model of the draft (`proxy_speedup`, calibrated by one timed run per
+   draft precision). The space: attention/MLP skip sets, max_draft, confidence, int8 draft weights and
+   a vocabulary-subset draft head. Candidates come from seeded starting points, sparse random proposals
+   aimed by a per-layer profile, and optuna's TPE sampler; `budget` candidates in all, seeded.
 3. Measurement (Draft&Verify's objective): the top `n_measure` candidates and plain decoding run on the
    same prompts, interleaved, for a few rounds; each (config, prompt) keeps its fastest round (other load
    only adds time) and a candidate's speedup is the median over prompts of plain time / its time. It must
    be lossless and physically plausible (at most its tokens per verify pass); the best one wins if it
-   beats `min_speedup`, else the domain gets plain.
-4. A per-layer profile for the plot: agreement when the draft skips only layer i (attention and MLP).
+   beats `min_speedup`, else the domain gets plain. Prompt lookup, which screening cannot see, is
+   measured as a variant of the best candidate.
+4. A per-layer profile (agreement when the draft skips only layer i, attention and MLP), computed
+   first: it aims the random proposals and is plotted.
 
 The engine is typed by the `SearchEngine` protocol, so tests drive this with a small fake.
 """
@@ -83,8 +87,13 @@ class SearchSettings(BaseModel):
     head_cost: float = Field(0.12, ge=0.0, le=1.0, description="Cost model: share of a full pass spent outside decoder layers (embedding, final norm, LM head).")
     attn_share: float = Field(0.4, ge=0.0, le=1.0, description="Cost model: share of a decoder layer's cost spent in attention (the rest in the MLP).")
     verify_token_cost: float = Field(0.06, ge=0.0, description="Cost model: extra cost of each additional verified token, as a fraction of a 1-token pass.")
-    calibrate: bool = Field(True, description="Calibrate the cost model's draft-pass cost from one measured speculative run.")
+    calibrate: bool = Field(True, description="Calibrate the cost model's draft-pass cost from one measured speculative run per draft precision.")
     layer_profile_prompts: int = Field(2, ge=0, description="Prompts for the per-layer agreement profile (0 disables it).")
+    quantize_choices: tuple[str, ...] = Field(("none", "int8"), description="Draft weight precisions searched (DraftConfig.quantize).")
+    draft_vocab_choices: tuple[int, ...] = Field((0, 8192), description="Draft LM-head sizes searched (DraftConfig.draft_vocab; 0 = full vocabulary).")
+    prompt_lookup_variant: int = Field(3, ge=0, le=8, description="Also measure the best candidate with prompt lookup of this n-gram size (0: never).")
+    int8_cost: float = Field(0.6, gt=0.0, description="Cost model: cost of an int8 draft layer relative to an fp32 one (before calibration).")
+    subset_head_cost: float = Field(0.25, gt=0.0, le=1.0, description="Cost model: cost of a vocabulary-subset draft head relative to the full head.")
 
 
 class Candidate(BaseModel):
@@ -118,7 +127,8 @@ class DomainResult(BaseModel):
     acceptance: float = Field(description="Measured acceptance of the chosen configuration (0.0 for plain).")
     mean_accepted_tokens: float = Field(description="Measured tokens per verify pass of the chosen configuration (1.0 for plain).")
     plain_tokens_per_s: float = Field(0.0, description="Median tokens/s of plain decoding during measurement.")
-    draft_cost_scale: float = Field(1.0, description="Calibrated cost of a full-depth draft pass relative to a verify pass.")
+    draft_cost_scale: float = Field(1.0, description="Calibration factor of the cost model for fp32 drafts (measured / modelled draft cost).")
+    draft_cost_scales: dict[str, float] = Field(default_factory=dict, description="Calibration factor per draft precision ('none', 'int8').")
     layer_agreement: list[float] = Field(default_factory=list, description="Agreement when the draft skips only layer i (index = layer).")
     candidates: list[Candidate] = Field(default_factory=list, description="Every screened candidate, in proposal order.")
     measured: list[Measured] = Field(default_factory=list, description="The measured candidates.")
@@ -129,9 +139,12 @@ class DomainResult(BaseModel):
 
 
 def draft_cost(cfg: DraftConfig, num_layers: int, s: SearchSettings, scale: float = 1.0) -> float:
-    """Cost of one draft pass relative to a full 1-token pass, from the sub-layers it still runs."""
+    """Cost of one draft pass relative to a full 1-token pass: the sub-layers it still runs (cheaper on
+    int8 copies) plus the LM head (cheaper over a vocabulary subset), times a calibration `scale`."""
     kept = num_layers - s.attn_share * len(cfg.skip_attn) - (1.0 - s.attn_share) * len(cfg.skip_mlp)
-    return scale * (s.head_cost + (1.0 - s.head_cost) * kept / num_layers)
+    layers = (1.0 - s.head_cost) * kept / num_layers * (s.int8_cost if cfg.quantize == "int8" else 1.0)
+    head = s.head_cost * (s.subset_head_cost if cfg.draft_vocab > 0 else 1.0)
+    return scale * (head + layers)
 
 
 def proxy_speedup(alpha: float, gamma: int, cost: float, verify_token_cost: float) -> float:
@@ -156,6 +169,8 @@ def params_to_config(params: dict[str, Any], layers: Sequence[int]) -> DraftConf
         skip_mlp=tuple(i for i in layers if params.get(f"mlp_{i}", 0)),
         max_draft=int(params["max_draft"]),
         confidence=round(float(params["confidence"]), 4),
+        quantize=params.get("quantize", "none"),
+        draft_vocab=int(params.get("draft_vocab", 0)),
     )
 
 
@@ -177,20 +192,31 @@ def random_params(
     rng: random.Random, layers: Sequence[int], s: SearchSettings, weights: dict[int, float] | None = None
 ) -> dict[str, Any]:
     """A sparse random proposal: a few sub-layers skipped (dense random sets draft badly), drawn by
-    `weights` (per layer) when given."""
+    `weights` (per layer) when given; none skipped is allowed when a cheaper precision is searched."""
     subs = [(kind, i) for i in layers for kind in ("attn", "mlp")]
     top = max(1, int(round(s.max_skip_fraction * len(subs)))) if subs else 0
-    n = rng.randint(1, top) if top else 0
+    quantize = rng.choice(list(s.quantize_choices))
+    low = 0 if quantize != "none" else 1
+    n = rng.randint(low, top) if top else 0
     w = [(weights or {}).get(i, 1.0) for _, i in subs]
     chosen = set(_weighted_sample(rng, subs, w, n)) if n else set()
     p: dict[str, Any] = {f"{kind}_{i}": int((kind, i) in chosen) for kind, i in subs}
     p["max_draft"] = rng.randint(*s.max_draft_range)
     steps = int(round((s.confidence_range[1] - s.confidence_range[0]) / 0.05))
     p["confidence"] = round(s.confidence_range[0] + 0.05 * rng.randint(0, steps), 4)
+    p["quantize"] = quantize
+    p["draft_vocab"] = rng.choice(list(s.draft_vocab_choices))
     return p
 
 
-def seed_params(layers: Sequence[int], s: SearchSettings, n_skip: int, weights: dict[int, float] | None = None) -> dict[str, Any]:
+def seed_params(
+    layers: Sequence[int],
+    s: SearchSettings,
+    n_skip: int,
+    weights: dict[int, float] | None = None,
+    quantize: str = "none",
+    draft_vocab: int = 0,
+) -> dict[str, Any]:
     """A deterministic starting point: the MLPs of the `n_skip` layers cheapest to skip by `weights`
     (ties and no weights: spread evenly over the searchable range)."""
     spread = [layers[int(j * len(layers) / n_skip)] for j in range(n_skip)] if n_skip and layers else []
@@ -203,7 +229,22 @@ def seed_params(layers: Sequence[int], s: SearchSettings, n_skip: int, weights: 
     p.update({f"mlp_{i}": 1 for i in chosen})
     p["max_draft"] = min(max(4, s.max_draft_range[0]), s.max_draft_range[1])
     p["confidence"] = min(max(0.5, s.confidence_range[0]), s.confidence_range[1])
+    p["quantize"] = quantize
+    p["draft_vocab"] = draft_vocab
     return p
+
+
+def seed_list(layers: Sequence[int], s: SearchSettings, weights: dict[int, float]) -> list[dict[str, Any]]:
+    """Starting points: skip sets of 1/8 and 1/4 of the layers in fp32, and (when searched) the whole
+    model on int8 copies with and without a few skips and a subset head: the drafts measured best here."""
+    few, more = max(1, len(layers) // 8), max(1, len(layers) // 4)
+    seeds = [seed_params(layers, s, few, weights), seed_params(layers, s, more, weights)]
+    if "int8" in s.quantize_choices:
+        vocab = max(s.draft_vocab_choices)
+        seeds.append(seed_params(layers, s, 0, weights, "int8", 0))
+        seeds.append(seed_params(layers, s, 0, weights, "int8", vocab))
+        seeds.append(seed_params(layers, s, few, weights, "int8", vocab))
+    return seeds
 
 
 # ------------------------------------------------------------------------------------------ the search
@@ -299,17 +340,19 @@ def search_domain(
 
         weights = layer_weights(layers, layer_agreement)
 
-        # calibrate the draft cost from one real speculative run of a cheap, plausible config
-        scale = 1.0
+        # calibrate the draft cost from one real speculative run per draft precision: measured draft
+        # pass / verify pass, over what the cost model predicts for that probe
+        scales = {q: 1.0 for q in s.quantize_choices}
         if s.calibrate:
-            probe = params_to_config(seed_params(layers, s, max(1, len(layers) // 4), weights), layers)
-            st = engine.generate(prepared[0].ids, greedy, probe).stats
-            drafted_passes = max(st.drafted, 1)
-            if st.time_draft > 0 and st.time_verify > 0 and st.steps > 0:
-                per_draft = st.time_draft / drafted_passes
-                per_verify = st.time_verify / st.steps
-                raw = per_draft / per_verify / max(draft_cost(probe, L, s), 1e-6)
-                scale = float(min(max(raw, 0.05), 3.0))
+            for q in s.quantize_choices:
+                probe = params_to_config(seed_params(layers, s, max(1, len(layers) // 4), weights, q, 0), layers)
+                agreement(probe, prepared[:1])  # first use of a precision may build its weights: not timed
+                st = engine.generate(prepared[0].ids, greedy, probe).stats
+                if st.time_draft > 0 and st.time_verify > 0 and st.steps > 0 and st.drafted > 0:
+                    per_draft = st.time_draft / st.drafted
+                    per_verify = st.time_verify / st.steps
+                    raw = per_draft / per_verify / max(draft_cost(probe, L, s), 1e-6)
+                    scales[q] = float(min(max(raw, 0.05), 3.0))
         bar.advance()
 
         # 2. screening: seeded start points and sparse random proposals until TPE has a model (its own
@@ -320,7 +363,7 @@ def search_domain(
         study = optuna.create_study(direction="maximize", sampler=sampler)
         seen: dict[DraftConfig, Candidate] = {}
         candidates: list[Candidate] = []
-        seeds = [seed_params(layers, s, n, weights) for n in (max(1, len(layers) // 8), max(1, len(layers) // 4))]
+        seeds = seed_list(layers, s, weights)
         attempts = 0
         while len(candidates) < s.budget and attempts < 4 * s.budget + 8:
             attempts += 1
@@ -338,12 +381,14 @@ def search_domain(
                 params = {f"{k}_{i}": trial.suggest_int(f"{k}_{i}", 0, 1) for i in layers for k in ("attn", "mlp")}
                 params["max_draft"] = trial.suggest_int("max_draft", *s.max_draft_range)
                 params["confidence"] = trial.suggest_float("confidence", *s.confidence_range, step=0.05)
+                params["quantize"] = trial.suggest_categorical("quantize", list(s.quantize_choices))
+                params["draft_vocab"] = trial.suggest_categorical("draft_vocab", list(s.draft_vocab_choices))
             cfg = params_to_config(params, layers)
             if cfg in seen:  # a repeat: tell TPE the known value, do not spend budget on it
                 study.tell(trial, seen[cfg].proxy)
                 continue
             a = agreement(cfg)
-            proxy = proxy_speedup(a, cfg.max_draft, draft_cost(cfg, L, s, scale), s.verify_token_cost)
+            proxy = proxy_speedup(a, cfg.max_draft, draft_cost(cfg, L, s, scales.get(cfg.quantize, 1.0)), s.verify_token_cost)
             cand = Candidate(config=cfg, agreement=round(a, 5), proxy=round(proxy, 5), source=source)
             seen[cfg] = cand
             candidates.append(cand)
@@ -352,7 +397,9 @@ def search_domain(
 
         # 4. measurement: plain and the top candidates, interleaved per prompt and round. Other load
         # on the machine only ever adds time, so each (config, prompt) keeps its fastest round.
-        top = sorted(candidates, key=lambda c: (-c.proxy, c.config.config_id))[: s.n_measure]
+        top = [c.config for c in sorted(candidates, key=lambda c: (-c.proxy, c.config.config_id))[: s.n_measure]]
+        if s.prompt_lookup_variant and top:  # lookup is free but invisible to screening: measure it
+            top.append(DraftConfig(**{**top[0].model_dump(), "prompt_lookup": s.prompt_lookup_variant}))
         measure_params = SamplingParams(max_new_tokens=s.max_new_tokens, temperature=0.0)
         m_ids = [engine.encode_prompt(prompt=r.prompt, messages=r.messages_list()) for r in measure_recs]
         best_t: dict[tuple[int | None, int], float] = {}
@@ -367,7 +414,7 @@ def search_domain(
                 runs = runs[shift:] + runs[:shift]
                 tokens: dict[int | None, list[int]] = {}
                 for j in runs:
-                    cfg = plain if j is None else top[j].config
+                    cfg = plain if j is None else top[j]
                     start = clock()
                     res = engine.generate(ids, measure_params, cfg)
                     dt = max(clock() - start, 1e-9)
@@ -392,7 +439,7 @@ def search_domain(
         tokens_per_step = agg[j][2] / agg[j][3] if agg[j][3] else 0.0
         measured.append(
             Measured(
-                config=top[j].config,
+                config=top[j],
                 speedup=round(speedup, 4),
                 tokens_per_s=round(_median([n_tok[(j, pi)] / best_t[(j, pi)] for pi in prompts_idx]), 3),
                 plain_tokens_per_s=round(_median(plain_tps), 3),
@@ -417,7 +464,8 @@ def search_domain(
     common = dict(
         name=name,
         plain_tokens_per_s=round(_median(plain_tps), 3),
-        draft_cost_scale=round(scale, 4),
+        draft_cost_scale=round(scales.get("none", 1.0), 4),
+        draft_cost_scales={q: round(v, 4) for q, v in scales.items()},
         layer_agreement=layer_agreement,
         candidates=candidates,
         measured=measured,

@@ -51,12 +51,15 @@ class FakeEngine:
     def _alpha(self, ids, draft: DraftConfig) -> float:
         cheap = {3: 0.01, 4: 0.02, 5: 0.01}
         cost = sum(cheap.get(i, 0.4) for i in draft.skip_mlp) + sum(0.3 for _ in draft.skip_attn)
+        cost += 0.05 if draft.quantize == "int8" else 0.0
+        cost += 0.02 if draft.draft_vocab else 0.0
         wobble = 0.01 * (sum(ids) % 3)
         return max(0.0, min(1.0, math.exp(-cost) - wobble))
 
     def _cost(self, draft: DraftConfig) -> float:
         kept = 2 * self.num_layers - len(draft.skip_attn) - len(draft.skip_mlp)
-        return self.draft_scale * kept / (2 * self.num_layers)
+        int8 = 0.6 if draft.quantize == "int8" else 1.0
+        return self.draft_scale * int8 * kept / (2 * self.num_layers)
 
     def generate(self, ids, params: SamplingParams, draft: DraftConfig):
         self.calls["generate"] += 1
@@ -102,7 +105,10 @@ def test_search_finds_a_faster_config():
     assert res.speedup >= SMALL.min_speedup
     assert 0 < res.acceptance <= 1 and res.mean_accepted_tokens > 1
     assert len(res.candidates) == SMALL.budget
-    assert len(res.measured) == SMALL.n_measure
+    assert len(res.measured) == SMALL.n_measure + 1  # plus the best one with prompt lookup
+    assert res.measured[-1].config.prompt_lookup == SMALL.prompt_lookup_variant
+    assert {c.config.quantize for c in res.candidates} == {"none", "int8"}
+    assert {c.config.draft_vocab for c in res.candidates} == {0, 8192}
     assert len(res.layer_agreement) == FakeEngine.num_layers
     # the chosen config is the best measured one
     assert res.speedup == max(m.speedup for m in res.measured)
@@ -113,6 +119,7 @@ def test_search_finds_a_faster_config():
     assert {c.source for c in res.candidates} >= {"seed", "random", "tpe"}
     # the draft-cost calibration recovers the fake's cost scale (0.5 over the cost model's 1.0)
     assert 0.3 < res.draft_cost_scale < 0.8
+    assert set(res.draft_cost_scales) == {"none", "int8"}
 
 
 def test_search_is_reproducible_with_a_seed():
