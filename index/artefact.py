@@ -41,6 +41,9 @@ TMP_PREFIX = ".tmp-"
 # Temp dirs older than this are leftovers of a killed build and are removed by the next write.
 STALE_TMP_SECONDS = 3600.0
 
+# The artefact shipped with the project: built from index/data/default for the bundled SmolLM2.
+DEFAULT_ROOT = Path(__file__).resolve().parent / "artefacts" / "default"
+
 _VERSION_RE = re.compile(r"^[0-9]{8}T[0-9]{6}-[0-9a-f]{8}$")
 
 
