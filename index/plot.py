@@ -44,7 +44,7 @@ def render_plot(results: Mapping[str, DomainResult], title: str = "") -> bytes:
         label = f"{r.speedup:.2f}x" if r.config.enabled else "plain"
         ax2.annotate(label, (b.get_x() + b.get_width() / 2, b.get_height()), ha="center", va="bottom", fontsize=8)
     ax2.set_ylabel("tokens/s vs plain decoding")
-    ax2.set_title("Measured speedup of each domain's config")
+    ax2.set_title("Measured speedup per domain")
     ax2.set_ylim(0.0, max([1.2, *speed]) * 1.15)
     ax2.tick_params(axis="x", labelrotation=30, labelsize=8)
     if title:

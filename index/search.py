@@ -316,7 +316,8 @@ def search_domain(
     plain = DraftConfig.plain()
     greedy = SamplingParams(max_new_tokens=s.screen_tokens, temperature=0.0)
 
-    total = n_screen + s.budget + L * min(s.layer_profile_prompts, n_screen) + len(measure_recs) * s.measure_rounds * (1 + s.n_measure) + 1
+    n_runs = 1 + s.n_measure + (1 if s.prompt_lookup_variant else 0)  # plain, candidates, lookup variant
+    total = n_screen + s.budget + L * min(s.layer_profile_prompts, n_screen) + len(measure_recs) * s.measure_rounds * n_runs + 1
     with _Progress(f"{name}: continuations", total, progress) as bar:
         # 1. greedy continuations
         prepared: list[_Prepared] = []
