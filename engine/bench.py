@@ -33,6 +33,34 @@ DEFAULT_CONFIGS: dict[str, DraftConfig] = {
 }
 
 
+# One knob each (issue: "each measurable on its own"), then the best combination found by hand and by
+# the index search. A draft of the full fp32 model would cost a whole pass per token, so knobs that do
+# not cut the draft's cost on their own (vocab subset, adaptive threshold) ride on the 4-MLP skip draft.
+_BASE = dict(max_draft=4, confidence=0.6)
+ABLATION_CONFIGS: dict[str, DraftConfig] = {
+    "skip-mlp4": DraftConfig(skip_mlp=(22, 24, 26, 27), **_BASE),
+    "skip-mlp4+vocab8k": DraftConfig(skip_mlp=(22, 24, 26, 27), draft_vocab=8192, **_BASE),
+    "skip-mlp4+adaptive": DraftConfig(skip_mlp=(22, 24, 26, 27), adaptive=True, **_BASE),
+    "int8": DraftConfig(quantize="int8", max_draft=6, confidence=0.3),
+    "lookup": DraftConfig(prompt_lookup=3, model_draft=False, max_draft=8),
+    "int8+vocab8k+lookup": DraftConfig(quantize="int8", draft_vocab=8192, prompt_lookup=3, max_draft=8, confidence=0.3),
+    "int8+vocab8k+lookup+adaptive": DraftConfig(
+        quantize="int8", draft_vocab=8192, prompt_lookup=3, max_draft=8, confidence=0.3, adaptive=True,
+        target_acceptance=0.8,
+    ),
+}
+PER_KIND = "per-kind"
+
+
+def load_per_kind(path: Path) -> dict[str, DraftConfig]:
+    """{kind: config} from a JSON file: either that mapping itself or an index artefact's manifest.json
+    (its `domains.<name>.config`), so the configs the index search chose can be benchmarked by kind."""
+    data = json.loads(Path(path).read_text())
+    if "domains" in data:
+        data = {name: d["config"] for name, d in data["domains"].items()}
+    return {kind: DraftConfig.model_validate(c) for kind, c in data.items()}
+
+
 @dataclass
 class PromptResult:
     kind: str
@@ -68,9 +96,12 @@ def run_bench(
     repeats: int = 1,
     include_hf: bool = True,
     on_step=None,
+    per_kind: dict[str, DraftConfig] | None = None,
 ) -> list[PromptResult]:
+    """`per_kind` adds a method that decodes each prompt with its kind's config (plain where its kind has
+    none): what routing by domain would pick, with the kind known."""
     params = SamplingParams(max_new_tokens=max_new_tokens)
-    methods = ([HF] if include_hf else []) + [PLAIN] + list(configs)
+    methods = ([HF] if include_hf else []) + [PLAIN] + list(configs) + ([PER_KIND] if per_kind else [])
     results = []
     warm = engine.encode_prompt(prompt="Hello")
     engine.generate(warm, SamplingParams(max_new_tokens=4))
@@ -84,7 +115,13 @@ def run_bench(
                 if m == HF:
                     toks = _hf_generate(engine, ids, max_new_tokens)
                 else:
-                    r = engine.generate(ids, params, DraftConfig.plain() if m == PLAIN else configs[m])
+                    if m == PLAIN:
+                        cfg = DraftConfig.plain()
+                    elif m == PER_KIND:
+                        cfg = (per_kind or {}).get(bp.kind, DraftConfig.plain())
+                    else:
+                        cfg = configs[m]
+                    r = engine.generate(ids, params, cfg)
                     toks = r.token_ids
                     res.steps[m], res.drafted[m], res.accepted[m] = r.stats.steps, r.stats.drafted, r.stats.accepted
                 res.times.setdefault(m, []).append(time.perf_counter() - t0)
@@ -122,6 +159,7 @@ def _summary(results: list[PromptResult], method: str, include_hf: bool) -> dict
 
 def summarize(results: list[PromptResult], configs: dict[str, DraftConfig], include_hf: bool) -> dict:
     methods = ([HF] if include_hf else []) + [PLAIN] + list(configs)
+    methods += [PER_KIND] if results and PER_KIND in results[0].times else []
     kinds = sorted({r.kind for r in results})
     table: dict[str, dict] = {}
     for m in methods:
@@ -149,6 +187,32 @@ def verify_cost(engine: Engine, sizes=(1, 2, 3, 4, 5, 8), context: int = 128, re
         str(m): {"ms": round(statistics.median(t) * 1e3, 2), "ratio_to_1": round(statistics.median(t) / base, 3)}
         for m, t in times.items()
     }
+
+
+def draft_cost(engine: Engine, configs: dict[str, DraftConfig], context: int = 128, reps: int = 15) -> dict:
+    """Cost of one model draft step (one token, the config's skips / int8 weights / subset head) as a
+    fraction of one full 1-token pass, medians interleaved per repetition. Lookup-only configs cost 0."""
+    lean = engine.lean
+    ctx = torch.randint(0, lean.vocab, (context,))
+    runs: dict[str, tuple] = {}
+    for name, c in configs.items():
+        if c.enabled and c.model_draft:
+            int8 = c.quantize == "int8"
+            if int8:
+                lean.prepare_int8()
+            runs[name] = (frozenset(c.skip_attn), frozenset(c.skip_mlp), int8, lean.draft_head(c.draft_vocab, int8))
+    times: dict[str, list[float]] = {n: [] for n in [PLAIN, *runs]}
+    tok = torch.tensor([1])
+    with torch.inference_mode():
+        lean.forward(ctx, 0)
+        for _ in range(reps):
+            for name in times:
+                sa, sm, int8, head = runs.get(name, (frozenset(), frozenset(), False, None))
+                t0 = time.perf_counter()
+                lean.forward(tok, context, sa, sm, last_only=True, int8=int8, head=head)
+                times[name].append(time.perf_counter() - t0)
+    full = statistics.median(times[PLAIN])
+    return {n: (round(statistics.median(times[n]) / full, 3) if n in runs else 0.0) for n in configs}
 
 
 def write_plot(report: dict, path: Path) -> None:

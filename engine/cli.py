@@ -68,6 +68,8 @@ def bench_engine(
     max_new_tokens: Annotated[int, typer.Option(help="New tokens per prompt.")] = 128,
     prompts: Annotated[Optional[Path], typer.Option(help="JSONL prompts ({'prompt'|'messages', 'kind'}); default: built-in mixed set.")] = None,
     config: Annotated[Optional[list[str]], typer.Option(help="Draft config as NAME=JSON or a JSON file {name: config}; repeatable. Default: a hand-picked set.")] = None,
+    ablation: Annotated[bool, typer.Option(help="Use the ablation set: each draft knob alone, then combined (instead of the hand-picked set; --config adds to it).")] = False,
+    per_kind: Annotated[Optional[Path], typer.Option(help="JSON {kind: config}, or an index artefact's manifest.json: adds a 'per-kind' method decoding each prompt with its kind's config.")] = None,
     repeats: Annotated[int, typer.Option(help="Runs of each method per prompt (median taken).")] = 1,
     hf: Annotated[bool, typer.Option(help="Include Hugging Face generate as a baseline.")] = True,
     limit: Annotated[int, typer.Option(help="Use at most this many prompts per kind (0: all).")] = 0,
@@ -81,25 +83,33 @@ def bench_engine(
     from rich.table import Table
 
     from engine.bench import (
-        DEFAULT_CONFIGS, HF, PLAIN, run_bench, summarize, verify_cost, write_json, write_plot,
+        ABLATION_CONFIGS, DEFAULT_CONFIGS, HF, PLAIN, draft_cost, load_per_kind, run_bench, summarize,
+        verify_cost, write_json, write_plot,
     )
     from engine.config import DraftConfig
     from engine.generate import Engine
     from engine.prompts import builtin_prompts, load_prompts
 
-    configs = _parse_configs(config, DraftConfig) if config else dict(DEFAULT_CONFIGS)
+    configs = dict(ABLATION_CONFIGS) if ablation else ({} if config else dict(DEFAULT_CONFIGS))
+    configs |= _parse_configs(config, DraftConfig) if config else {}
+    kind_configs = load_per_kind(per_kind) if per_kind else None
     plist = load_prompts(prompts) if prompts else builtin_prompts()
     if limit:
         seen: dict[str, int] = {}
         plist = [p for p in plist if seen.setdefault(p.kind, 0) < limit and not seen.__setitem__(p.kind, seen[p.kind] + 1)]
     console = Console(stderr=True)
     eng = Engine.load(model, threads=threads)
-    for c in configs.values():
+    for c in [*configs.values(), *(kind_configs or {}).values()]:
         c.check_layers(eng.num_layers)
-    n_methods = len(configs) + 1 + int(hf)
+    n_methods = len(configs) + 1 + int(hf) + int(bool(kind_configs))
     with Progress(console=console) as prog:
         task = prog.add_task("benchmark", total=len(plist) * repeats * n_methods)
-        results = run_bench(eng, plist, configs, max_new_tokens, repeats, hf, on_step=lambda: prog.advance(task))
+        results = run_bench(
+            eng, plist, configs, max_new_tokens, repeats, hf, on_step=lambda: prog.advance(task), per_kind=kind_configs
+        )
+        prog.add_task("verify and draft cost", total=None)
+        vcost = verify_cost(eng)
+        dcost = draft_cost(eng, configs)
     table = summarize(results, configs, hf)
     report = {
         "model": eng.model_id,
@@ -107,13 +117,18 @@ def bench_engine(
         "repeats": repeats,
         "threads": threads,
         "configs": {n: c.model_dump(mode="json") | {"config_id": c.config_id} for n, c in configs.items()},
+        "per_kind_configs": (
+            {k: c.model_dump(mode="json") | {"config_id": c.config_id} for k, c in kind_configs.items()}
+            if kind_configs else None
+        ),
         "table": table,
-        "verify_cost": verify_cost(eng),
+        "verify_cost": vcost,
+        "draft_cost": dcost,
     }
     out = Console()
     for kind in list(table[PLAIN]):
         t = Table(title=f"{eng.model_id} — {kind}")
-        for col in ("method", "tok/s", "vs plain", "vs HF", "tokens/step", "acceptance", "identical"):
+        for col in ("method", "tok/s", "vs plain", "vs HF", "tokens/step", "acceptance", "draft cost", "identical"):
             t.add_column(col, justify="right")
         for m, rows in table.items():
             r = rows[kind]
@@ -122,6 +137,7 @@ def bench_engine(
                 "-" if r["speedup_vs_hf"] is None else f"{r['speedup_vs_hf']:.3f}",
                 f"{r['mean_accepted_tokens']:.2f}",
                 "-" if r["acceptance_rate"] is None else f"{r['acceptance_rate']:.2f}",
+                f"{dcost[m]:.2f}" if m in dcost else "-",
                 "yes" if r["identical"] else "NO",
             )
         out.print(t)

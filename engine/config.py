@@ -15,6 +15,9 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 
+_ID_STABLE_DEFAULTS = ("model_draft",)
+
+
 class DraftConfig(BaseModel):
     """How the model drafts its own tokens. Output is lossless whatever these are: the verify pass
     always runs the full model, so a config only changes speed."""
@@ -52,6 +55,12 @@ class DraftConfig(BaseModel):
         "continuation (prompt lookup); used instead of the model draft when it matches. 0 = off.",
     )
 
+    model_draft: bool = Field(
+        True,
+        description="Draft with the model when prompt lookup proposes nothing; False drafts by lookup alone "
+        "(no draft pass at all: a step without a match is a plain decoding step).",
+    )
+
     @field_validator("skip_attn", "skip_mlp", mode="before")
     @classmethod
     def _sorted_unique(cls, v: object) -> tuple[int, ...]:
@@ -65,7 +74,11 @@ class DraftConfig(BaseModel):
         """Short stable id: the same knobs always give the same id (used in metrics and responses)."""
         if not self.enabled:
             return "plain"
-        blob = json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()
+        fields = self.model_dump(mode="json")
+        for name in _ID_STABLE_DEFAULTS:  # knobs added later leave earlier ids (stored in artefacts) unchanged
+            if fields[name] == type(self).model_fields[name].default:
+                del fields[name]
+        blob = json.dumps(fields, sort_keys=True).encode()
         return "ssd-" + hashlib.sha256(blob).hexdigest()[:10]
 
     def check_layers(self, num_layers: int) -> None:

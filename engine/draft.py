@@ -60,6 +60,8 @@ class Drafter:
             toks = lookup_ngram(history, self.cfg.prompt_lookup, limit)
             if toks.numel():
                 return Draft(toks, None, "lookup")
+        if not self.cfg.model_draft:
+            return Draft(torch.empty(0, dtype=torch.long), None, "lookup")
         return self._model_draft(cur, pos, limit)
 
     def _model_draft(self, cur: int, pos: int, limit: int) -> Draft:

@@ -108,3 +108,18 @@ def test_prompt_too_long_error_pickles():
 
     e = pickle.loads(pickle.dumps(PromptTooLongError(5000, 4096)))
     assert (e.prompt_tokens, e.limit) == (5000, 4096) and "4095" in str(e)
+
+
+def test_config_id_is_stable_across_added_knobs():
+    import hashlib
+    import json
+
+    from engine.config import DraftConfig
+
+    c = DraftConfig(skip_mlp=(3, 1), quantize="int8")
+    # the id as computed before `model_draft` existed: artefacts and caches store such ids
+    legacy = {k: v for k, v in c.model_dump(mode="json").items() if k != "model_draft"}
+    expect = "ssd-" + hashlib.sha256(json.dumps(legacy, sort_keys=True).encode()).hexdigest()[:10]
+    assert c.config_id == expect
+    assert DraftConfig(skip_mlp=(1, 3), quantize="int8", model_draft=False).config_id != expect
+    assert DraftConfig.plain().config_id == "plain"
