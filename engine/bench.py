@@ -43,9 +43,10 @@ ABLATION_CONFIGS: dict[str, DraftConfig] = {
     "skip-mlp4+adaptive": DraftConfig(skip_mlp=(22, 24, 26, 27), adaptive=True, **_BASE),
     "int8": DraftConfig(quantize="int8", max_draft=6, confidence=0.3),
     "lookup": DraftConfig(prompt_lookup=3, model_draft=False, max_draft=8),
+    "lookup2+adaptive": DraftConfig(prompt_lookup=2, model_draft=False, max_draft=8, adaptive=True),
     "int8+vocab8k+lookup": DraftConfig(quantize="int8", draft_vocab=8192, prompt_lookup=3, max_draft=8, confidence=0.3),
-    "int8+vocab8k+lookup+adaptive": DraftConfig(
-        quantize="int8", draft_vocab=8192, prompt_lookup=3, max_draft=8, confidence=0.3, adaptive=True,
+    "int8+vocab8k+lookup2+adaptive": DraftConfig(
+        quantize="int8", draft_vocab=8192, prompt_lookup=2, max_draft=8, confidence=0.3, adaptive=True,
         target_acceptance=0.8,
     ),
 }

@@ -125,7 +125,7 @@ def bench_engine(
         "verify_cost": vcost,
         "draft_cost": dcost,
     }
-    out = Console()
+    out = Console(width=max(Console().width, 120))  # method names stay readable when piped
     for kind in list(table[PLAIN]):
         t = Table(title=f"{eng.model_id} — {kind}")
         for col in ("method", "tok/s", "vs plain", "vs HF", "tokens/step", "acceptance", "draft cost", "identical"):

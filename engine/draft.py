@@ -53,11 +53,15 @@ class Drafter:
             model.prepare_int8()
         self.head = model.draft_head(cfg.draft_vocab, self.int8)
         self.threshold = cfg.confidence
+        # DEL-style length for lookup proposals: how many copied tokens recent steps kept, plus one.
+        # A wrong copy of k tokens makes the verify pass cost as much as k + 1 tokens do.
+        self.lookup_len = float(cfg.max_draft)
 
     def propose(self, cur: int, pos: int, limit: int, history: torch.Tensor) -> Draft:
         """Draft at most `limit` tokens after `cur` (which sits at position `pos`)."""
         if self.cfg.prompt_lookup and limit > 0:
-            toks = lookup_ngram(history, self.cfg.prompt_lookup, limit)
+            n = min(limit, max(1, round(self.lookup_len))) if self.cfg.adaptive else limit
+            toks = lookup_ngram(history, self.cfg.prompt_lookup, n)
             if toks.numel():
                 return Draft(toks, None, "lookup")
         if not self.cfg.model_draft:
@@ -86,9 +90,14 @@ class Drafter:
         return Draft(torch.tensor(toks, dtype=torch.long), torch.stack(probs) if probs else None)
 
     def observe(self, draft: Draft, accepted: int) -> None:
-        """Draft&Verify's adaptive threshold: draft less eagerly after poor acceptance, more after good."""
+        """Adaptive drafting: Draft&Verify's confidence threshold for model drafts (draft less eagerly after
+        poor acceptance, more after good), and a running proposal length for lookup drafts."""
         k = draft.tokens.shape[0]
-        if not self.cfg.adaptive or draft.source != "model" or k == 0:
+        if not self.cfg.adaptive or k == 0:
+            return
+        if draft.source == "lookup":
+            kept = accepted + 1 if accepted < k else k + 2  # all kept: a longer copy might have held too
+            self.lookup_len = 0.5 * self.lookup_len + 0.5 * kept
             return
         step = 0.05
         if accepted / k < self.cfg.target_acceptance:

@@ -30,7 +30,7 @@ KNOBS = {
     "int8": DraftConfig(quantize="int8", max_draft=6, confidence=0.3),
     "vocab-subset": DraftConfig(skip_mlp=(26, 27), draft_vocab=8192, max_draft=4),
     "prompt-lookup": DraftConfig(prompt_lookup=3, skip_mlp=(24, 26, 27), max_draft=5),
-    "lookup-only": DraftConfig(prompt_lookup=3, model_draft=False, max_draft=6),
+    "lookup-only-adaptive": DraftConfig(prompt_lookup=2, model_draft=False, max_draft=8, adaptive=True),
     "adaptive": DraftConfig(skip_attn=(20, 24), skip_mlp=(22, 26), adaptive=True, max_draft=6),
     "combined": DraftConfig(
         quantize="int8", draft_vocab=8192, prompt_lookup=3, adaptive=True, skip_mlp=(27,), max_draft=6
