@@ -169,7 +169,7 @@ def summarize(results: list[PromptResult], configs: dict[str, DraftConfig], incl
     return table
 
 
-def verify_cost(engine: Engine, sizes=(1, 2, 3, 4, 5, 8), context: int = 128, reps: int = 15) -> dict:
+def verify_cost(engine: Engine, sizes=(1, 2, 3, 4, 5, 8), context: int = 128, reps: int = 30) -> dict:
     """Median time of one full pass over M new tokens at a fixed context, and its ratio to M=1.
     Sizes are interleaved per repetition so drift hits them alike."""
     lean = engine.lean

@@ -246,7 +246,8 @@ class LeanModel:
         return F.rms_norm(x, (x.shape[-1],), w, self.eps)
 
     def _mask(self, start: int, m: int, window: int | None) -> torch.Tensor | None:
-        """Boolean [M, start+M] mask (True = attend), or None when plain causal-over-cache suffices."""
+        """Additive [M, start+M] mask (0 = attend, -inf = not), or None when plain causal-over-cache
+        suffices. Additive, built once per pass: SDPA would convert a boolean one in every layer."""
         end = start + m
         if m == 1 and (window is None or end <= window):
             return None
@@ -255,7 +256,7 @@ class LeanModel:
         mask = k_pos <= q_pos
         if window is not None:
             mask &= k_pos > q_pos - window
-        return mask
+        return torch.zeros(mask.shape).masked_fill_(~mask, float("-inf"))
 
     def forward(
         self,
