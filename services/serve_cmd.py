@@ -135,6 +135,9 @@ def serve(
     cfg = cfg.model_copy(update={"redis_url": redis_url})
 
     signal.signal(signal.SIGTERM, _raise_interrupt)
+    # Ctrl-C must stop it even when started from a shell that ignores SIGINT for background jobs (a
+    # non-interactive `cmd &`, nohup wrappers, CI runners): Python keeps an inherited SIG_IGN otherwise.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     ray_started = False
     try:
         source = cfg.model_path or cfg.model
@@ -186,6 +189,7 @@ def serve(
         _say("\nshutting down...")
     finally:
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not cut the shutdown short
         if ray_started:
             from ray import serve
 
