@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from engine.config import DraftConfig, SamplingParams
+from engine.draft import draft_pass_args
 from engine.generate import Engine
 from engine.prompts import BenchPrompt
 
@@ -195,22 +196,15 @@ def draft_cost(engine: Engine, configs: dict[str, DraftConfig], context: int = 1
     fraction of one full 1-token pass, medians interleaved per repetition. Lookup-only configs cost 0."""
     lean = engine.lean
     ctx = torch.randint(0, lean.vocab, (context,))
-    runs: dict[str, tuple] = {}
-    for name, c in configs.items():
-        if c.enabled and c.model_draft:
-            int8 = c.quantize == "int8"
-            if int8:
-                lean.prepare_int8()
-            runs[name] = (frozenset(c.skip_attn), frozenset(c.skip_mlp), int8, lean.draft_head(c.draft_vocab, int8))
+    runs = {name: draft_pass_args(lean, c) for name, c in configs.items() if c.enabled and c.model_draft}
     times: dict[str, list[float]] = {n: [] for n in [PLAIN, *runs]}
     tok = torch.tensor([1])
     with torch.inference_mode():
         lean.forward(ctx, 0)
         for _ in range(reps):
             for name in times:
-                sa, sm, int8, head = runs.get(name, (frozenset(), frozenset(), False, None))
                 t0 = time.perf_counter()
-                lean.forward(tok, context, sa, sm, last_only=True, int8=int8, head=head)
+                lean.forward(tok, context, last_only=True, **runs.get(name, {}))
                 times[name].append(time.perf_counter() - t0)
     full = statistics.median(times[PLAIN])
     return {n: (round(statistics.median(times[n]) / full, 3) if n in runs else 0.0) for n in configs}

@@ -42,16 +42,26 @@ def lookup_ngram(history: torch.Tensor, max_n: int, limit: int) -> torch.Tensor:
     return torch.empty(0, dtype=torch.long)
 
 
+def draft_pass_args(model: LeanModel, cfg: DraftConfig) -> dict:
+    """`LeanModel.forward` keyword arguments that make a pass the draft `cfg` describes: its skipped
+    sub-layers, int8 weight copies and subset head (built on first use and kept on the model)."""
+    int8 = cfg.quantize == "int8"
+    if int8:
+        model.prepare_int8()
+    return {
+        "skip_attn": frozenset(cfg.skip_attn),
+        "skip_mlp": frozenset(cfg.skip_mlp),
+        "int8": int8,
+        "head": model.draft_head(cfg.draft_vocab, int8),
+    }
+
+
 class Drafter:
     """Per-request drafting state (the adaptive threshold lives here)."""
 
     def __init__(self, model: LeanModel, cfg: DraftConfig, params: SamplingParams, gen: torch.Generator):
         self.model, self.cfg, self.params, self.gen = model, cfg, params, gen
-        self.skip_attn, self.skip_mlp = frozenset(cfg.skip_attn), frozenset(cfg.skip_mlp)
-        self.int8 = cfg.quantize == "int8"
-        if self.int8:
-            model.prepare_int8()
-        self.head = model.draft_head(cfg.draft_vocab, self.int8)
+        self.pass_args = draft_pass_args(model, cfg)
         self.threshold = cfg.confidence
         # DEL-style length for lookup proposals: how many copied tokens recent steps kept, plus one.
         # A wrong copy of k tokens makes the verify pass cost as much as k + 1 tokens do.
@@ -73,9 +83,7 @@ class Drafter:
         probs: list[torch.Tensor] = []
         x = cur
         for j in range(limit):
-            logits = self.model.forward(
-                torch.tensor([x]), pos + j, self.skip_attn, self.skip_mlp, int8=self.int8, head=self.head
-            )  # [1, V]
+            logits = self.model.forward(torch.tensor([x]), pos + j, **self.pass_args)  # [1, V]
             if self.params.greedy:
                 conf, tok = torch.softmax(logits[0], dim=-1).max(dim=-1)
             else:

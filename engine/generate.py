@@ -16,6 +16,7 @@ import torch
 
 from engine.config import DecodeStats, DraftConfig, SamplingParams
 from engine.decode import decode
+from engine.draft import draft_pass_args
 from engine.lean import LeanModel
 from engine.load import LoadedModel, load_model
 
@@ -147,14 +148,9 @@ class Engine:
             return 0.0
         seq = torch.tensor(prompt_ids + continuation_ids[:-1])
         n_prompt = len(prompt_ids)
-        int8 = draft.quantize == "int8"
-        if int8:
-            self.lean.prepare_int8()
-        head = self.lean.draft_head(draft.draft_vocab, int8)
+        args = draft_pass_args(self.lean, draft)
         with torch.inference_mode():
-            logits = self.lean.forward(
-                seq, 0, frozenset(draft.skip_attn), frozenset(draft.skip_mlp), int8=int8, head=head
-            )
+            logits = self.lean.forward(seq, 0, **args)
         pred = logits[n_prompt - 1 :].argmax(dim=-1)  # [C]
         return float((pred == torch.tensor(continuation_ids)).float().mean())
 

@@ -62,13 +62,9 @@ def default_index_root() -> Path:
     env = os.environ.get("KNNSSD_INDEX")
     if env:
         return Path(env).expanduser()
-    from index import artefact
+    from index.artefact import DEFAULT_ROOT
 
-    shipped = getattr(artefact, "DEFAULT_ROOT", None)
-    if shipped is not None:
-        return Path(shipped)
-    cache = Path(os.environ.get("KNNSSD_CACHE", "~/.cache/knnssd")).expanduser()
-    return cache / "index" / "default"
+    return DEFAULT_ROOT
 
 
 def resolve_index_root(config: AppConfig) -> Path:

@@ -28,7 +28,6 @@ def test_default_artefact_is_current_and_valid():
 
 @pytest.mark.slow
 def test_default_artefact_matches_the_bundled_model():
-    pytest.importorskip("engine.generate", reason="the engine (engine.generate) is not available yet")
     from engine.load import load_model
 
     loaded = load_model("smollm2")

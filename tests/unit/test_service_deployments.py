@@ -415,8 +415,6 @@ def test_default_index_root(monkeypatch, tmp_path):
     monkeypatch.setenv("KNNSSD_INDEX", str(tmp_path))
     assert default_index_root() == tmp_path
     monkeypatch.delenv("KNNSSD_INDEX")
-    shipped = getattr(artefact, "DEFAULT_ROOT", None)
-    if shipped is not None:
-        assert default_index_root() == shipped
+    assert default_index_root() == artefact.DEFAULT_ROOT
     assert resolve_index_root(AppConfig(index_path=str(tmp_path / "x"))) == tmp_path / "x"
     assert resolve_index_root(AppConfig()) == default_index_root()
