@@ -2,13 +2,18 @@
 config, interleaved in one process on the same prompts, reported as ratios per prompt kind.
 
 Each prompt runs every method back to back (the order rotated per prompt), `repeats` times; a prompt's
-time per method is the median of its repeats, and a kind's ratio is the median of its prompts' ratios.
-Ratios from one process are what we quote: the machine is shared and absolute times drift.
+time per method is the median of its repeats, and a kind's ratio is the median of its prompts' ratios
+(`speedup_vs_plain`) and their geometric mean (`geomean_vs_plain`). Ratios from one process are what we
+quote: the machine is shared and absolute times drift.
+
+Besides fixed configs, a method may choose a config per prompt (`per_prompt`): the router's choice, the
+index's general config, each kind's own config (`knnssd bench engine --routed`, see router.offline).
 """
 
 from __future__ import annotations
 
 import json
+import math
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -99,14 +104,24 @@ def run_bench(
     include_hf: bool = True,
     on_step=None,
     per_kind: dict[str, DraftConfig] | None = None,
+    per_prompt: dict[str, list[DraftConfig]] | None = None,
 ) -> list[PromptResult]:
     """`per_kind` adds a method that decodes each prompt with its kind's config (plain where its kind has
-    none): what routing by domain would pick, with the kind known."""
+    none): what routing by domain would pick, with the kind known. `per_prompt` adds methods that decode
+    prompt i with their config i (e.g. the router's decision for it, made before timing starts)."""
     params = SamplingParams(max_new_tokens=max_new_tokens)
-    methods = ([HF] if include_hf else []) + [PLAIN] + list(configs) + ([PER_KIND] if per_kind else [])
+    per_prompt = per_prompt or {}
+    for name, cfgs in per_prompt.items():
+        if len(cfgs) != len(prompts):
+            raise ValueError(f"method {name!r} has {len(cfgs)} configs for {len(prompts)} prompts")
+    methods = ([HF] if include_hf else []) + [PLAIN] + list(configs) + ([PER_KIND] if per_kind else []) + list(per_prompt)
     results = []
     warm = engine.encode_prompt(prompt="Hello")
-    engine.generate(warm, SamplingParams(max_new_tokens=4))
+    # Warm every distinct config once, untimed: the first use of int8 weights or a subset head builds
+    # them (seconds), which would otherwise land in whichever timed run comes first.
+    distinct = {DraftConfig.plain(), *configs.values(), *(per_kind or {}).values(), *(c for cs in per_prompt.values() for c in cs)}
+    for cfg in sorted(distinct, key=lambda c: c.config_id):
+        engine.generate(warm, SamplingParams(max_new_tokens=4), cfg)
     for i, bp in enumerate(prompts):
         ids = engine.encode_prompt(prompt=bp.prompt, messages=list(bp.messages) if bp.messages else None)
         res = PromptResult(bp.kind)
@@ -121,6 +136,8 @@ def run_bench(
                         cfg = DraftConfig.plain()
                     elif m == PER_KIND:
                         cfg = (per_kind or {}).get(bp.kind, DraftConfig.plain())
+                    elif m in per_prompt:
+                        cfg = per_prompt[m][i]
                     else:
                         cfg = configs[m]
                     r = engine.generate(ids, params, cfg)
@@ -142,6 +159,7 @@ def _summary(results: list[PromptResult], method: str, include_hf: bool) -> dict
         "tokens": toks,
         "tokens_per_s": round(toks / secs, 3) if secs else 0.0,
         "speedup_vs_plain": round(statistics.median(r.tps(method) / r.tps(PLAIN) for r in results), 4),
+        "geomean_vs_plain": round(_geomean([r.tps(method) / r.tps(PLAIN) for r in results]), 4),
         "speedup_vs_hf": (
             round(statistics.median(r.tps(method) / r.tps(HF) for r in results), 4) if include_hf else None
         ),
@@ -159,9 +177,16 @@ def _summary(results: list[PromptResult], method: str, include_hf: bool) -> dict
     return out
 
 
-def summarize(results: list[PromptResult], configs: dict[str, DraftConfig], include_hf: bool) -> dict:
+def _geomean(xs: list[float]) -> float:
+    return math.exp(statistics.fmean(math.log(x) for x in xs)) if xs else 0.0
+
+
+def summarize(
+    results: list[PromptResult], configs: dict[str, DraftConfig], include_hf: bool, per_prompt: list[str] | tuple[str, ...] = ()
+) -> dict:
     methods = ([HF] if include_hf else []) + [PLAIN] + list(configs)
     methods += [PER_KIND] if results and PER_KIND in results[0].times else []
+    methods += list(per_prompt)
     kinds = sorted({r.kind for r in results})
     table: dict[str, dict] = {}
     for m in methods:

@@ -66,12 +66,15 @@ def generate(
 def bench_engine(
     model: Annotated[str, typer.Option(help="Bundled model name or a local Hugging Face model directory.")] = "smollm2",
     max_new_tokens: Annotated[int, typer.Option(help="New tokens per prompt.")] = 128,
-    prompts: Annotated[Optional[Path], typer.Option(help="JSONL prompts ({'prompt'|'messages', 'kind'}); default: built-in mixed set.")] = None,
+    prompts: Annotated[Optional[Path], typer.Option(help="JSONL prompts ({'prompt'|'messages', 'kind', 'domain'}), or a directory of <kind>.jsonl files; default: built-in mixed set.")] = None,
     config: Annotated[Optional[list[str]], typer.Option(help="Draft config as NAME=JSON or a JSON file {name: config}; repeatable. Default: a hand-picked set.")] = None,
     ablation: Annotated[bool, typer.Option(help="Use the ablation set: each draft knob alone, then combined (instead of the hand-picked set; --config adds to it).")] = False,
     per_kind: Annotated[Optional[Path], typer.Option(help="JSON {kind: config}, or an index artefact's manifest.json: adds a 'per-kind' method decoding each prompt with its kind's config.")] = None,
     repeats: Annotated[int, typer.Option(help="Runs of each method per prompt (median taken).")] = 1,
     hf: Annotated[bool, typer.Option(help="Include Hugging Face generate as a baseline.")] = True,
+    routed: Annotated[bool, typer.Option(help="Add the methods 'routed' (the index router's choice per prompt), 'general' (the index's fallback config for every prompt) and, when kinds name index domains, 'oracle' (each kind's own config); reports where prompts were routed.")] = False,
+    index: Annotated[Optional[Path], typer.Option(help="Index artefact for --routed (a root or a version directory; default: the shipped index/artefacts/default).")] = None,
+    costs: Annotated[bool, typer.Option(help="Measure the verify cost by tokens and each config's draft cost after the runs.")] = True,
     limit: Annotated[int, typer.Option(help="Use at most this many prompts per kind (0: all).")] = 0,
     threads: Annotated[int, typer.Option(help="torch threads.")] = 2,
     json_out: Annotated[Optional[Path], typer.Option("--json", help="Write the report as JSON here.")] = None,
@@ -99,18 +102,30 @@ def bench_engine(
         plist = [p for p in plist if seen.setdefault(p.kind, 0) < limit and not seen.__setitem__(p.kind, seen[p.kind] + 1)]
     console = Console(stderr=True)
     eng = Engine.load(model, threads=threads)
-    for c in [*configs.values(), *(kind_configs or {}).values()]:
+    route = None
+    if routed:  # routing imports (MiniLM, FAISS) only when asked; decisions are made before any timing
+        from router.offline import load_index, routed_methods
+
+        art = load_index(index)
+        if art.manifest.model_hash != eng.weights_hash:
+            console.print(f"[yellow]warning: index {art.version} was built for weights {art.manifest.model_hash[:12]}, not {eng.weights_hash[:12]}")
+        route = routed_methods(art, plist, engine=eng)
+    per_prompt = route.methods if route else {}
+    for c in [*configs.values(), *(kind_configs or {}).values(), *(c for cs in per_prompt.values() for c in cs)]:
         c.check_layers(eng.num_layers)
-    n_methods = len(configs) + 1 + int(hf) + int(bool(kind_configs))
+    n_methods = len(configs) + 1 + int(hf) + int(bool(kind_configs)) + len(per_prompt)
     with Progress(console=console) as prog:
         task = prog.add_task("benchmark", total=len(plist) * repeats * n_methods)
         results = run_bench(
-            eng, plist, configs, max_new_tokens, repeats, hf, on_step=lambda: prog.advance(task), per_kind=kind_configs
-        )
-        prog.add_task("verify and draft cost", total=None)
-        vcost = verify_cost(eng)
-        dcost = draft_cost(eng, configs)
-    table = summarize(results, configs, hf)
+            eng, plist, configs, max_new_tokens, repeats, hf, on_step=lambda: prog.advance(task), per_kind=kind_configs,
+            per_prompt=per_prompt,
+        )  # fmt: skip
+        vcost, dcost = {}, {}
+        if costs:
+            prog.add_task("verify and draft cost", total=None)
+            vcost = verify_cost(eng)
+            dcost = draft_cost(eng, configs)
+    table = summarize(results, configs, hf, per_prompt=list(per_prompt))
     report = {
         "model": eng.model_id,
         "max_new_tokens": max_new_tokens,
@@ -125,15 +140,20 @@ def bench_engine(
         "verify_cost": vcost,
         "draft_cost": dcost,
     }
+    if route:
+        report |= route.report(plist)
+        report["routed_configs"] = {
+            c.config_id: c.model_dump(mode="json") for cs in per_prompt.values() for c in cs
+        }
     out = Console(width=max(Console().width, 120))  # method names stay readable when piped
     for kind in list(table[PLAIN]):
         t = Table(title=f"{eng.model_id} — {kind}")
-        for col in ("method", "tok/s", "vs plain", "vs HF", "tokens/step", "acceptance", "draft cost", "identical"):
+        for col in ("method", "tok/s", "vs plain", "geomean", "vs HF", "tokens/step", "acceptance", "draft cost", "identical"):
             t.add_column(col, justify="right")
         for m, rows in table.items():
             r = rows[kind]
             t.add_row(
-                m, f"{r['tokens_per_s']:.1f}", f"{r['speedup_vs_plain']:.3f}",
+                m, f"{r['tokens_per_s']:.1f}", f"{r['speedup_vs_plain']:.3f}", f"{r['geomean_vs_plain']:.3f}",
                 "-" if r["speedup_vs_hf"] is None else f"{r['speedup_vs_hf']:.3f}",
                 f"{r['mean_accepted_tokens']:.2f}",
                 "-" if r["acceptance_rate"] is None else f"{r['acceptance_rate']:.2f}",
@@ -141,13 +161,26 @@ def bench_engine(
                 "yes" if r["identical"] else "NO",
             )
         out.print(t)
+    if route:
+        rt = Table(title=f"routes (index {route.index_version}): prompts per routed domain, by kind")
+        doms = list(route.route_domains())
+        rt.add_column("kind")
+        for d in doms:
+            rt.add_column(d, justify="right")
+        rt.add_column("oracle config from", justify="right")
+        by_kind = route.route_table(plist)
+        for kind, counts in by_kind.items():
+            rt.add_row(kind, *[str(counts.get(d, 0)) for d in doms], route.oracle_domains.get(kind, "-"))
+        rt.add_row("all", *[str(n) for n in route.route_domains().values()], "")
+        out.print(rt)
     vc = Table(title="verify cost: one full pass over M tokens")
     vc.add_column("M", justify="right")
     vc.add_column("ms (median)", justify="right")
     vc.add_column("ratio to M=1", justify="right")
     for m, v in report["verify_cost"].items():
         vc.add_row(m, f"{v['ms']:.1f}", f"{v['ratio_to_1']:.2f}")
-    out.print(vc)
+    if vcost:
+        out.print(vc)
     if HF in table:
         out.print(f"HF generate output identical to engine plain decoding on every prompt: {table[HF]['overall']['identical']}")
     if json_out:

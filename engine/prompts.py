@@ -1,6 +1,9 @@
 """The benchmark's built-in mixed prompt set: a few prompts of each kind, or a JSONL file of the user's.
 
-A JSONL line is {"prompt": "..."} or {"messages": [...]}, with an optional "kind" (default "custom").
+A JSONL line is {"prompt": "..."} or {"messages": [...]}, with an optional "kind" (default "custom") and
+an optional "domain" (the index domain this kind corresponds to, for the bench's `oracle` method; default:
+the kind itself). Other keys ("reference", ...) are ignored. A directory is read as one `<kind>.jsonl`
+per kind, as the index's data directories are laid out (e.g. index/data/heldout).
 """
 
 from __future__ import annotations
@@ -15,6 +18,11 @@ class BenchPrompt:
     kind: str
     prompt: str | None = None
     messages: tuple[dict, ...] | None = None
+    domain: str | None = None  # the index domain of this kind when it is named differently
+
+    @property
+    def messages_list(self) -> list[dict] | None:
+        return [dict(m) for m in self.messages] if self.messages else None
 
 
 BUILTIN: dict[str, list[str]] = {
@@ -56,6 +64,17 @@ def builtin_prompts() -> list[BenchPrompt]:
 
 
 def load_prompts(path: Path) -> list[BenchPrompt]:
+    """Prompts of a JSONL file, or of every `<kind>.jsonl` in a directory (kind = file name)."""
+    path = Path(path)
+    if path.is_dir():
+        files = sorted(path.glob("*.jsonl"))
+        if not files:
+            raise ValueError(f"{path}: no <kind>.jsonl files")
+        return [p for f in files for p in _load_file(f, default_kind=f.stem)]
+    return _load_file(path, default_kind="custom")
+
+
+def _load_file(path: Path, default_kind: str) -> list[BenchPrompt]:
     out = []
     for n, line in enumerate(path.read_text().splitlines(), 1):
         if not line.strip():
@@ -64,10 +83,12 @@ def load_prompts(path: Path) -> list[BenchPrompt]:
             rec = json.loads(line)
         except json.JSONDecodeError as e:
             raise ValueError(f"{path}:{n}: not JSON ({e})") from e
+        kind = str(rec.get("kind", default_kind))
+        domain = str(rec["domain"]) if rec.get("domain") else None
         if "prompt" in rec:
-            out.append(BenchPrompt(rec.get("kind", "custom"), prompt=str(rec["prompt"])))
+            out.append(BenchPrompt(kind, prompt=str(rec["prompt"]), domain=domain))
         elif "messages" in rec:
-            out.append(BenchPrompt(rec.get("kind", "custom"), messages=tuple(rec["messages"])))
+            out.append(BenchPrompt(kind, messages=tuple(rec["messages"]), domain=domain))
         else:
             raise ValueError(f"{path}:{n}: needs a 'prompt' or 'messages' field")
     if not out:

@@ -26,6 +26,7 @@ import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -51,6 +52,29 @@ class ArtefactError(Exception):
     """An artefact is missing, corrupt or incompatible; the message names the file and the mismatch."""
 
 
+class Ratio(BaseModel):
+    """A measured speedup: the geometric mean over prompts of paired per-prompt time ratios, with a
+    percentile-bootstrap confidence interval over the prompts (`index.select`)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    value: float = Field(description="Geometric mean of the per-prompt ratios (> 1: faster than the reference).")
+    low: float = Field(description="Lower end of the confidence interval.")
+    high: float = Field(description="Upper end of the confidence interval.")
+    prompts: int = Field(ge=0, description="Prompts the ratio is over.")
+
+
+class GeneralEntry(BaseModel):
+    """How the general config (the manifest's fallback_config) was chosen."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    name: str = Field(description="Name of the winning candidate ('plain' only when plain decoding measurably won).")
+    speedup: Ratio = Field(description="Its speedup over plain decoding on all domains' prompts together.")
+    candidates: dict[str, Ratio] = Field(default_factory=dict, description="Every candidate's speedup over plain on the same prompts (disqualified ones included).")
+    max_new_tokens: int = Field(0, ge=0, description="Tokens generated per measured run.")
+
+
 class DomainEntry(BaseModel):
     """One domain's searched draft configuration and what it measured."""
 
@@ -63,6 +87,12 @@ class DomainEntry(BaseModel):
     mean_accepted_tokens: float = Field(description="Mean tokens committed per verify pass during measurement (1.0 for plain).")
     n_prompts: int = Field(ge=0, description="Prompts of this domain in the corpus the index was built from.")
     n_centroids: int = Field(ge=0, description="Centroids of this domain in the FAISS index.")
+    # Written by builds that measure a general config (issue 11); absent in older artefacts.
+    source: Literal["own", "general"] | None = Field(
+        None, description="'own': the domain's searched config beat the general config; 'general': it inherits the general config; None: older build."
+    )
+    measured: Ratio | None = Field(None, description="The chosen config's speedup over plain on the domain's confirmation prompts, with its interval.")
+    vs_general: Ratio | None = Field(None, description="The domain's own best config over the general config on those prompts (> 1: own faster); None when they are the same.")
 
 
 class IndexManifest(BaseModel):
@@ -80,8 +110,11 @@ class IndexManifest(BaseModel):
     representation: str = Field(description="Prompt representation: 'minilm' (sentence-transformers) or 'llm-hidden' (mean-pooled last hidden state).")
     corpus_hash: str = Field(description="sha256 over the corpus files (sorted by name) the index was built from.")
     distance_threshold: float = Field(description="Cosine similarity to the nearest centroid below which the router uses fallback_config.")
-    fallback_config: DraftConfig = Field(description="Draft configuration for prompts far from every centroid.")
+    fallback_config: DraftConfig = Field(
+        description="Draft configuration for prompts far from every centroid: the general config measured on all domains' prompts (plain in older builds)."
+    )
     domains: dict[str, DomainEntry] = Field(description="Per-domain entries, keyed by domain name.")
+    general: GeneralEntry | None = Field(None, description="How fallback_config was chosen (None: older builds, whose fallback is plain decoding).")
     files: dict[str, str] = Field(default_factory=dict, description="File name -> sha256 hex of every file in the version directory except the manifest.")
 
 

@@ -24,13 +24,28 @@ def build_cmd(
     representation: str = typer.Option("minilm", "--representation", help="'minilm' or 'llm-hidden'."),
     max_new_tokens: int = typer.Option(32, "--max-new-tokens", min=2, help="Tokens per measured run."),
     measure_prompts: int = typer.Option(3, "--measure-prompts", min=1, help="Prompts per domain measured for tokens/s."),
+    screen_prompts: int = typer.Option(4, "--screen-prompts", min=1, help="Prompts per domain used for screening."),
+    n_measure: int = typer.Option(2, "--n-measure", min=1, help="Best screened candidates measured per domain."),
+    measure_rounds: int = typer.Option(3, "--measure-rounds", min=1, help="Interleaved measurement rounds (fastest run counts)."),
+    layer_profile_prompts: int = typer.Option(2, "--layer-profile-prompts", min=0, help="Prompts for the per-layer profile (0: off)."),
     threads: int = typer.Option(0, "--threads", min=0, help="torch threads (0: torch's default)."),
+    general: bool = typer.Option(True, "--general/--no-general", help="Measure a general config (the fallback) and keep a domain's own config only when it beats it (--no-general: the older procedure)."),
+    general_prompts: int = typer.Option(None, "--general-prompts", min=1, help="Prompts per domain in the general config's measurement (default: measure-prompts + 1)."),
+    confirm_prompts: int = typer.Option(None, "--confirm-prompts", min=1, help="Prompts per domain comparing its own config with the general one (default: 2 x measure-prompts)."),
+    select_rounds: int = typer.Option(None, "--select-rounds", min=1, help="Interleaved rounds of those two measurements (default: 2)."),
+    select_tokens: int = typer.Option(None, "--select-tokens", min=2, help="Tokens per run in those two measurements (default: 2 x max-new-tokens)."),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Progress bars (--no-progress: log lines at each stage and every 30 s)."),
 ) -> None:
     """Build a new index version from DATA into OUT and make it CURRENT."""
     import os
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import logging
+
     from rich.console import Console
+
+    if not progress:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
     if threads:
         import torch
@@ -49,24 +64,42 @@ def build_cmd(
         representation=representation,  # type: ignore[arg-type]
         max_new_tokens=max_new_tokens,
         measure_prompts=measure_prompts,
+        screen_prompts=screen_prompts,
+        n_measure=n_measure,
+        measure_rounds=measure_rounds,
+        layer_profile_prompts=layer_profile_prompts,
+        general=general,
+        general_prompts=general_prompts,
+        confirm_prompts=confirm_prompts,
+        select_rounds=select_rounds,
+        select_tokens=select_tokens,
+        progress=progress,
     )
     result = build(settings)
-    console = Console()
+    console = Console(width=max(Console().width, 240))  # every knob column stays readable when piped
     console.print(summary_table(result))
     console.print(f"plot: {result.path / 'search.png'}")
 
 
 @index_app.command("show")
 def show_cmd(
-    out: Path = typer.Option(..., "--out", help="Artefact root or version directory."),
+    out: Path = typer.Option(None, "--out", help="Artefact root or version directory (default: the shipped index, index/artefacts/default)."),
     version: str = typer.Option(None, "--version", help="Version to show (default: CURRENT)."),
+    table: bool = typer.Option(False, "--table", help="A table (general config, each domain's knobs and measured speedup with its interval) instead of the JSON manifest."),
 ) -> None:
-    """Verify and print an artefact's manifest."""
-    from index.artefact import ArtefactError, load_artefact
+    """Verify and print an artefact's manifest (JSON), or a summary table with --table."""
+    from index.artefact import DEFAULT_ROOT, ArtefactError, load_artefact
 
     try:
-        art = load_artefact(out, version=version)
+        art = load_artefact(out or DEFAULT_ROOT, version=version)
     except ArtefactError as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(1) from None
-    typer.echo(art.manifest.model_dump_json(indent=2))
+    if not table:
+        typer.echo(art.manifest.model_dump_json(indent=2))
+        return
+    from rich.console import Console
+
+    from index.build import manifest_table
+
+    Console(width=max(Console().width, 240)).print(manifest_table(art.manifest, title=f"{art.path}"))

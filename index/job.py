@@ -3,9 +3,10 @@
     ray job submit --working-dir . -- python -m index.job --data index/data/default --out /shared/index \\
         [--budget N] [--workers N] [--num-cpus-per-task N] [--redis-url redis://...]
 
-Each domain's search runs as one Ray task that loads the engine once; `--workers` caps how many run at
-a time. The driver embeds, clusters, writes the artefact atomically and only then publishes (Redis key
-plus a pub/sub message). A failed build exits non-zero, never publishes and never touches CURRENT.
+The general config's measurement runs as `--workers` Ray tasks (shards of its prompts), then each
+domain's search (and its comparison with the general config) runs as one Ray task; each task loads the
+engine once and `--workers` caps how many run at a time. The driver embeds, clusters, writes the
+artefact atomically and only then publishes (Redis key plus a pub/sub message). A failed build exits non-zero, never publishes and never touches CURRENT.
 """
 
 from __future__ import annotations
@@ -16,33 +17,58 @@ import os
 import sys
 from collections.abc import Mapping, Sequence
 
-from index.build import BuildSettings, EngineIdentity, _domain_bar, build, summary_table
+from index.build import BuildSettings, EngineIdentity, _domain_bar, build, domain_kwargs, general_stage, summary_table
 from index.corpus import Record
 from index.search import DomainResult, SearchSettings
+from index.select import SelectSettings
 
 log = logging.getLogger("index.job")
 
 
-def _search_task(model: str, threads: int, name: str, records: list[Record], search: SearchSettings):
-    """Body of one Ray task: load the engine, search one domain."""
+def _task_setup(threads: int):
+    """In a Ray task: offline hub, torch threads, and INFO logging (so progress lines reach the driver)."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import torch
 
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
+    torch.set_num_threads(max(1, threads))
+
+
+def _search_task(model: str, threads: int, name: str, records: list[Record], search: SearchSettings, kw: dict | None = None):
+    """Body of one Ray task: load the engine, search one domain (against the general config in `kw`)."""
+    _task_setup(threads)
     from index.search import load_engine, search_domain
 
-    torch.set_num_threads(max(1, threads))
     engine = load_engine(model)
-    return EngineIdentity.of(engine), search_domain(engine, name, records, search, progress=False)
+    return EngineIdentity.of(engine), search_domain(engine, name, records, search, progress=False, **(kw or {}))
+
+
+def _measure_task(model: str, threads: int, items: list, sel: SelectSettings, candidates: dict):
+    """Body of one Ray task: load the engine, measure one shard of the general config's prompts."""
+    _task_setup(threads)
+    from index.search import StepProgress, load_engine
+    from index.select import measure_prompts
+
+    engine = load_engine(model)
+    with StepProgress(f"general config shard ({len(items)} prompts)", len(items) * sel.rounds * (1 + len(candidates)), False) as bar:
+        return measure_prompts(engine, items, candidates, sel, on_run=lambda: bar.advance(description="general config shard"))
 
 
 def ray_runner(num_cpus_per_task: float):
-    """A build runner that fans domains out as Ray tasks, at most `settings.workers` in flight."""
+    """A build runner that fans work out as Ray tasks, at most `settings.workers` in flight: first the
+    general config's measurement in `workers` shards, then one task per domain."""
     import ray
 
     remote = ray.remote(num_cpus=num_cpus_per_task, max_retries=0)(_search_task)
+    remote_measure = ray.remote(num_cpus=num_cpus_per_task, max_retries=0)(_measure_task)
     threads = max(1, int(num_cpus_per_task))
 
     def run(domains: Mapping[str, Sequence[Record]], search: SearchSettings, settings: BuildSettings):
+        def shards_as_tasks(shards, sel, candidates):
+            return ray.get([remote_measure.remote(settings.model, threads, list(sh), sel, candidates) for sh in shards])
+
+        general = general_stage(domains, settings, shards_as_tasks, settings.workers) if settings.general else None
+        kw = domain_kwargs(settings, general)
         pending = list(domains.items())
         in_flight: dict = {}
         results: dict[str, DomainResult] = {}
@@ -51,7 +77,7 @@ def ray_runner(num_cpus_per_task: float):
             while pending or in_flight:
                 while pending and len(in_flight) < settings.workers:
                     name, recs = pending.pop(0)
-                    in_flight[remote.remote(settings.model, threads, name, list(recs), search)] = name
+                    in_flight[remote.remote(settings.model, threads, name, list(recs), search, kw)] = name
                 done, _ = ray.wait(list(in_flight), num_returns=1)
                 for ref in done:
                     name = in_flight.pop(ref)
@@ -59,7 +85,7 @@ def ray_runner(num_cpus_per_task: float):
                     results[name] = res
                     advance(name, res)
         assert ident is not None
-        return ident, results
+        return ident, results, general
 
     return run
 
@@ -84,7 +110,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--redis-url", default=os.environ.get("REDIS_URL"), help="Publish the new version here (default $REDIS_URL; none: do not publish).")
     p.add_argument("--redis-prefix", default="", help="Prefix for the Redis key and channel (tests).")
     p.add_argument("--ray-address", default=None, help="Ray address (default: the cluster the job runs in, else a local one).")
-    p.add_argument("--no-progress", action="store_true", help="No progress bars.")
+    p.add_argument("--no-general", action="store_true", help="The older procedure: no general config (fallback plain), each domain its searched config.")
+    p.add_argument("--general-prompts", type=int, default=None, help="Prompts per domain in the general config's measurement (default: measure-prompts + 1).")
+    p.add_argument("--confirm-prompts", type=int, default=None, help="Prompts per domain comparing its own config with the general one (default: 2 x measure-prompts).")
+    p.add_argument("--select-rounds", type=int, default=None, help="Interleaved rounds of those two measurements (default: min(measure-rounds, 2)).")
+    p.add_argument("--select-tokens", type=int, default=None, help="Tokens per run in those two measurements (default: 2 x max-new-tokens).")
+    p.add_argument("--no-progress", action="store_true", help="No progress bars: log lines at each stage and every 30 s instead.")
     return p.parse_args(argv)
 
 
@@ -113,6 +144,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         measure_rounds=args.measure_rounds,
         layer_profile_prompts=args.layer_profile_prompts,
         progress=not args.no_progress,
+        general=not args.no_general,
+        general_prompts=args.general_prompts,
+        confirm_prompts=args.confirm_prompts,
+        select_rounds=args.select_rounds,
+        select_tokens=args.select_tokens,
     )
     ray.init(address=args.ray_address, ignore_reinit_error=True, log_to_driver=True)
     try:

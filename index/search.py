@@ -27,13 +27,14 @@ import random
 import statistics
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from engine.config import DecodeStats, DraftConfig, SamplingParams
+from index.select import DomainChoice, Measurement, SelectSettings, choose_domain, domain_configs, measure
 
 log = logging.getLogger(__name__)
 
@@ -133,6 +134,8 @@ class DomainResult(BaseModel):
     candidates: list[Candidate] = Field(default_factory=list, description="Every screened candidate, in proposal order.")
     measured: list[Measured] = Field(default_factory=list, description="The measured candidates.")
     seconds: float = Field(0.0, description="Wall time of this domain's search.")
+    choice: DomainChoice | None = Field(None, description="Own config vs the general config on the domain's confirmation prompts (None: the build measured no general config).")
+    confirmation: Measurement | None = Field(None, description="Per-prompt timings of that comparison.")
 
 
 # ------------------------------------------------------------------------------------------ cost model
@@ -257,33 +260,51 @@ class _Prepared:
 
 
 @dataclass
-class _Progress:
-    """Optional rich progress over one domain's steps."""
+class StepProgress:
+    """Progress over one domain's steps: a rich bar, or (bars off: jobs, Ray tasks) an INFO log line at
+    each new stage and at least every `log_every_s` seconds, so a silent job still says where it is."""
 
     description: str
     total: int
     enabled: bool
+    log_every_s: float = 30.0
     _prog: Any = None
     _task: Any = None
     done: int = field(default=0)
+    _t0: float = field(default_factory=time.monotonic)
+    _last_log: float = field(default=-math.inf)
+    _stage: str = ""
 
-    def __enter__(self) -> _Progress:
+    def __enter__(self) -> StepProgress:
         if self.enabled:
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
             self._prog = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
             self._prog.start()
             self._task = self._prog.add_task(self.description, total=self.total)
+        else:
+            self._log(self.description)
         return self
+
+    def _log(self, description: str) -> None:
+        now = time.monotonic()
+        stage = description.split(" (")[0]
+        if stage != self._stage or now - self._last_log >= self.log_every_s:
+            log.info("%s: %d/%d steps, %.0f s", description, self.done, self.total, now - self._t0)
+            self._stage, self._last_log = stage, now
 
     def advance(self, n: int = 1, description: str | None = None) -> None:
         self.done += n
         if self._prog is not None:
             self._prog.update(self._task, advance=n, **({"description": description} if description else {}))
+        else:
+            self._log(description or self._stage or self.description)
 
     def __exit__(self, *exc: object) -> None:
         if self._prog is not None:
             self._prog.stop()
+        else:
+            log.info("%s: done, %d/%d steps, %.0f s", self._stage or self.description, self.done, self.total, time.monotonic() - self._t0)
 
 
 def _median(xs: Sequence[float]) -> float:
@@ -297,8 +318,17 @@ def search_domain(
     settings: SearchSettings | None = None,
     progress: bool = True,
     clock: Callable[[], float] = time.perf_counter,
+    extra: Mapping[str, DraftConfig] | None = None,
+    general: DraftConfig | None = None,
+    select: SelectSettings | None = None,
 ) -> DomainResult:
-    """Search `name`'s DraftConfig over `records` (its prompts) on `engine`."""
+    """Search `name`'s DraftConfig over `records` (its prompts) on `engine`.
+
+    `extra` configs (the general candidates) are measured beside the screened ones, so a domain's own
+    config can also be one of them. With `general` (the build's general config), the best measured config
+    is then compared with it on other prompts of the domain (`index.select.choose_domain`): the domain
+    keeps it only when it beats the general config by more than the noise, else inherits the general one.
+    """
     import optuna
 
     s = settings or SearchSettings()
@@ -316,9 +346,12 @@ def search_domain(
     plain = DraftConfig.plain()
     greedy = SamplingParams(max_new_tokens=s.screen_tokens, temperature=0.0)
 
-    n_runs = 1 + s.n_measure + (1 if s.prompt_lookup_variant else 0)  # plain, candidates, lookup variant
+    sel = select or SelectSettings(seed=s.seed)
+    extra_cfgs = [c for c in (extra or {}).values() if c.enabled]
+    n_runs = 1 + s.n_measure + (1 if s.prompt_lookup_variant else 0) + len(extra_cfgs)  # plain, candidates, lookup variant, extras
+    confirm_recs = _confirm_records(records, order, len(measure_recs), sel.confirm_prompts) if general is not None else []
     total = n_screen + s.budget + L * min(s.layer_profile_prompts, n_screen) + len(measure_recs) * s.measure_rounds * n_runs + 1
-    with _Progress(f"{name}: continuations", total, progress) as bar:
+    with StepProgress(f"{name}: continuations", total, progress) as bar:
         # 1. greedy continuations
         prepared: list[_Prepared] = []
         for r in screen_recs:
@@ -401,6 +434,7 @@ def search_domain(
         top = [c.config for c in sorted(candidates, key=lambda c: (-c.proxy, c.config.config_id))[: s.n_measure]]
         if s.prompt_lookup_variant and top:  # lookup is free but invisible to screening: measure it
             top.append(DraftConfig(**{**top[0].model_dump(), "prompt_lookup": s.prompt_lookup_variant}))
+        top += [c for c in extra_cfgs if c not in top]
         measure_params = SamplingParams(max_new_tokens=s.max_new_tokens, temperature=0.0)
         m_ids = [engine.encode_prompt(prompt=r.prompt, messages=r.messages_list()) for r in measure_recs]
         best_t: dict[tuple[int | None, int], float] = {}
@@ -472,11 +506,38 @@ def search_domain(
         measured=measured,
         seconds=round(clock() - t0, 3),
     )
+    if general is not None:
+        own = best.config if best is not None else plain
+        with StepProgress(f"{name}: own vs general", len(confirm_recs) * sel.rounds * (1 + len(domain_configs(own, general))), progress) as bar2:
+            c_ids = [engine.encode_prompt(prompt=r.prompt, messages=r.messages_list()) for r in confirm_recs]
+            m = measure(
+                engine, c_ids, domain_configs(own, general), sel, labels=[f"{name}:{_source(r)}" for r in confirm_recs],
+                clock=clock, on_run=lambda: bar2.advance(description=f"{name}: own vs general"),
+            )  # fmt: skip
+        choice = choose_domain(m, own, general, sel)
+        log.info("domain %s: %s (%s), speedup %.3fx [%.3f, %.3f]", name, choice.source, choice.config.config_id,
+                 choice.speedup.value, choice.speedup.low, choice.speedup.high)  # fmt: skip
+        common["seconds"] = round(clock() - t0, 3)
+        return DomainResult(
+            config=choice.config, speedup=choice.speedup.value, acceptance=choice.acceptance if choice.config.enabled else 0.0,
+            mean_accepted_tokens=choice.tokens_per_step if choice.config.enabled else 1.0, choice=choice, confirmation=m, **common,
+        )  # fmt: skip
     if best is None:
         return DomainResult(config=plain, speedup=1.0, acceptance=0.0, mean_accepted_tokens=1.0, **common)
     return DomainResult(
         config=best.config, speedup=best.speedup, acceptance=best.acceptance, mean_accepted_tokens=best.mean_accepted_tokens, **common
     )
+
+
+def _confirm_records(records: Sequence[PromptLike], order: Sequence[int], used: int, n: int) -> list[PromptLike]:
+    """`n` prompts for the own-vs-general comparison: those the search did not measure on first (in the
+    search's shuffled order), then, for a small domain, the measured ones again."""
+    idx = list(order[used:]) + list(order[:used])
+    return [records[i] for i in idx[: min(n, len(idx))]]
+
+
+def _source(r: PromptLike) -> str:
+    return str(getattr(r, "source", "") or "")
 
 
 def load_engine(model: str) -> SearchEngine:
