@@ -7,6 +7,13 @@ background thread waits on the channel for at most `poll_interval_s`, then re-re
 so a lost message or a dead pub/sub connection only delays a reload by one poll interval. A version that
 fails to load is logged and counted, the previous one keeps serving, and it is not retried until the
 key changes again. Tenants can be pinned to an older (or newer) version from the artefact root.
+
+Validation before any version is served (at start, on reload, for a pin): checksums and schema
+(`index.artefact.load_artefact`), then `validate_manifest`: the model hash equals the served weights'
+(`expect_model_hash`), the embedder is the router's (`expect_embedder_id`), and with a `ModelSpec` every
+draft config fits the served model (skipped layers exist, the draft vocabulary is no larger than the
+model's, knobs consistent). A refused version raises `IncompatibleArtefact` naming the reason; on reload it
+is counted per reason in `Reloader.rejected` and logged, and the old version keeps serving.
 """
 
 from __future__ import annotations
@@ -15,18 +22,96 @@ import json
 import logging
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
 import redis
 
-from index.artefact import Artefact, ArtefactError, current_version, load_artefact
+from engine.config import DraftConfig
+from index.artefact import Artefact, ArtefactError, IndexManifest, load_artefact, read_manifest, resolve_version_dir
 from index.publish import index_key, updates_channel
 from router.cache import RedisLink
 from router.stats import RouteStats
 
 log = logging.getLogger(__name__)
+
+
+class IncompatibleArtefact(ArtefactError):
+    """A readable artefact that must not be served here; `reason` is one of model_hash, embedder, layers,
+    vocab, config."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What draft configs are checked against: the served model's shape (from its config.json)."""
+
+    num_layers: int
+    vocab_size: int
+
+    @classmethod
+    def from_model_dir(cls, model_dir: str | Path) -> ModelSpec:
+        """Read the shape from a Hugging Face model directory without loading weights (Gemma 3 nests it
+        under text_config)."""
+        cfg = json.loads((Path(model_dir) / "config.json").read_text())
+        text = cfg.get("text_config") or {}
+        layers = cfg.get("num_hidden_layers", text.get("num_hidden_layers"))
+        vocab = cfg.get("vocab_size", text.get("vocab_size"))
+        if not isinstance(layers, int) or not isinstance(vocab, int):
+            raise ValueError(f"{model_dir}/config.json names no num_hidden_layers/vocab_size")
+        return cls(num_layers=layers, vocab_size=vocab)
+
+
+def config_problems(config: DraftConfig, spec: ModelSpec) -> list[tuple[str, str]]:
+    """(reason, message) for each way `config` does not fit the model (empty when it fits)."""
+    if not config.enabled:
+        return []
+    out = []
+    bad = sorted(i for i in set(config.skip_attn) | set(config.skip_mlp) if i >= spec.num_layers)
+    if bad:
+        out.append(("layers", f"skips layers {bad}, but the model has {spec.num_layers} (0-{spec.num_layers - 1})"))
+    if len(set(config.skip_attn) & set(config.skip_mlp)) == spec.num_layers:
+        out.append(("config", "skips every layer: the draft would be the embedding alone"))
+    if config.draft_vocab > spec.vocab_size:
+        out.append(("vocab", f"draft_vocab {config.draft_vocab} exceeds the model's vocabulary of {spec.vocab_size}"))
+    if not config.model_draft and config.prompt_lookup == 0:
+        out.append(("config", "model_draft is off and prompt_lookup is 0: nothing would ever be drafted"))
+    return out
+
+
+def validate_manifest(
+    manifest: IndexManifest,
+    *,
+    expect_model_hash: str | None = None,
+    expect_embedder_id: str | None = None,
+    spec: ModelSpec | None = None,
+) -> None:
+    """Raise IncompatibleArtefact (first problem found) unless the artefact may be served with this model."""
+    where = f"index version {manifest.version}"
+    if expect_model_hash is not None and manifest.model_hash != expect_model_hash:
+        raise IncompatibleArtefact(
+            "model_hash", f"{where} was built for {manifest.model_id!r} with weights hash {manifest.model_hash!r}, "
+            f"but the served weights hash is {expect_model_hash!r}",
+        )
+    if expect_embedder_id is not None and manifest.embedder_id != expect_embedder_id:
+        raise IncompatibleArtefact(
+            "embedder", f"{where} was built with embedder {manifest.embedder_id!r}, the router embeds with "
+            f"{expect_embedder_id!r}",
+        )
+    if spec is None:
+        return
+    configs = [("fallback", manifest.fallback_config)] + [(n, d.config) for n, d in sorted(manifest.domains.items())]
+    for name, cfg in configs:
+        problems = config_problems(cfg, spec)
+        if problems:
+            reason, msg = problems[0]
+            raise IncompatibleArtefact(reason, f"{where}: the draft config of domain {name!r} {msg}")
 
 
 class ArtefactSource(Protocol):
@@ -76,6 +161,8 @@ class Reloader:
         self.expect_embedder_id = expect_embedder_id
         self.stats = stats if stats is not None else (link.stats if link is not None else RouteStats())
         self._loader = loader
+        self.model_spec: ModelSpec | None = None  # set by the service (router.route builds this object)
+        self.rejected: Counter[str] = Counter()  # refused published versions, by reason
         self._swap_lock = threading.Lock()  # serialises loads (poll thread vs. check_now), never requests
         self._failed: str | None = None  # last published version that failed to load
         self._pinned: dict[str, Artefact] = {}
@@ -108,27 +195,51 @@ class Reloader:
     # -- loading ----------------------------------------------------------------------------------
 
     def _load(self, path: str | Path, version: str | None) -> Artefact:
+        # The manifest alone says whether the version fits; read it first so a refusal names its reason.
+        self.validate(read_manifest(resolve_version_dir(path, version)))
         return self._loader(
             path, version, expect_model_hash=self.expect_model_hash, expect_embedder_id=self.expect_embedder_id
         )
+
+    def validate(self, manifest: IndexManifest) -> None:
+        """Raise IncompatibleArtefact unless `manifest` may be served (see the module docstring)."""
+        validate_manifest(manifest, expect_model_hash=self.expect_model_hash,
+                          expect_embedder_id=self.expect_embedder_id, spec=self.model_spec)
+
+    def set_model(self, spec: ModelSpec | None = None, model_hash: str | None = None) -> None:
+        """Check every later version (and the one serving now: raises if it does not fit) against the
+        served model."""
+        if model_hash is not None:
+            self.expect_model_hash = model_hash
+        if spec is not None:
+            self.model_spec = spec
+        assert self._current is not None
+        self.validate(self._current.manifest)
 
     def _load_published(self, payload: dict) -> Artefact:
         """Load what the key names: its path first, then the same version under our own root."""
         version = str(payload["version"])
         errors = []
+        refused: IncompatibleArtefact | None = None
         if payload.get("path"):
             try:
                 art = self._load(payload["path"], None)
                 if art.version == version:
                     return art
                 errors.append(f"{payload['path']} holds version {art.version!r}, not {version!r}")
+            except IncompatibleArtefact as e:
+                refused = e
             except ArtefactError as e:
                 errors.append(str(e))
-        if self.index_root is not None:
+        if self.index_root is not None and refused is None:
             try:
                 return self._load(self.index_root, version)
+            except IncompatibleArtefact as e:
+                refused = e
             except ArtefactError as e:
                 errors.append(str(e))
+        if refused is not None:  # readable but not for this model: that is the reason to report
+            raise refused
         raise ArtefactError(f"cannot load published version {version!r}: " + "; ".join(errors or ["no path"]))
 
     def read_published(self) -> dict | None:
@@ -165,7 +276,10 @@ class Reloader:
             except (ArtefactError, OSError) as e:
                 self._failed = version
                 self.stats.observe_reload(ok=False)
-                log.error("index reload failed; keeping %s: %s", cur.version if cur else None, e)
+                reason = getattr(e, "reason", "unloadable")
+                self.rejected[reason] += 1
+                log.error("index version %s refused (%s); keeping %s: %s", version, reason,
+                          cur.version if cur else None, e)
                 return False
             self._current = art  # the swap: requests that already hold the old artefact keep it
             self._failed = None

@@ -50,9 +50,10 @@ class GatewayIngress:
         self.backend = RayBackend(router, replica, [self.config.model])
         self.collaborators = collaborators
         self._redis = None
+        self._tenants = None
 
     def build_asgi_app(self):
-        from services.gateway import build_gateway_app
+        from services.gateway import build_gateway_app, load_prompt_counter
         from services.limits import RateLimiter
         from services.metrics import ServiceMetrics
         from services.tenants import TenantStore, load_tenants_file
@@ -67,19 +68,24 @@ class GatewayIngress:
             prefix=c.redis_prefix,
             tenants=load_tenants_file(c.tenants_file) if c.tenants_file else (),
             cache_s=c.tenant_cache_s,
-        )
+        ).watch()  # follows removals published by `knnssd tenants remove`, on every gateway replica at once
+        self._tenants = tenants
         limiter = got["limiter"] if "limiter" in got else RateLimiter(
             self._redis, c.redis_prefix, window_s=c.limits.window_s, fail_open=c.limits.fail_open
         )
         usage = got["usage"] if "usage" in got else UsageStore(self._redis, c.redis_prefix)
         metrics = got.get("metrics") or ServiceMetrics()
-        return build_gateway_app(self.backend, tenants, limiter, usage, metrics, c)
+        counter = got["count_prompt_tokens"] if "count_prompt_tokens" in got else load_prompt_counter(c)
+        return build_gateway_app(self.backend, tenants, limiter, usage, metrics, c, counter)
 
     # Serve's late-bound ingress hook (Ray >= 2.60): called in the replica after __init__.
     def __serve_build_asgi_app__(self):
         return self.build_asgi_app()
 
     def __del__(self) -> None:  # Serve's replica shutdown hook
+        tenants = getattr(self, "_tenants", None)
+        if tenants is not None and hasattr(tenants, "close"):
+            tenants.close()
         client = getattr(self, "_redis", None)
         if client is not None:
             client.close()

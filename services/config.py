@@ -83,7 +83,7 @@ class DeploymentsConfig(_Config):
 
     gateway: DeploymentSettings = Field(
         default_factory=lambda: DeploymentSettings(
-            name="Gateway", max_ongoing_requests=64, ray_actor_options=RayActorOptions(num_cpus=0.25)
+            name="Gateway", max_ongoing_requests=64, max_queued_requests=64, ray_actor_options=RayActorOptions(num_cpus=0.25)
         ),
         description="FastAPI ingress: auth, limits, OpenAI schema.",
     )
@@ -95,7 +95,7 @@ class DeploymentsConfig(_Config):
     )
     replica: DeploymentSettings = Field(
         default_factory=lambda: DeploymentSettings(
-            name="ModelReplica", max_ongoing_requests=4, ray_actor_options=RayActorOptions(num_cpus=1)
+            name="ModelReplica", max_ongoing_requests=4, max_queued_requests=8, ray_actor_options=RayActorOptions(num_cpus=1)
         ),
         description="Model replicas, one engine each (set num_gpus: 1 on GPU nodes).",
     )
@@ -105,6 +105,14 @@ class HttpConfig(_Config):
     host: str = Field("127.0.0.1", description="Address the HTTP proxy binds (0.0.0.0 in containers).")
     port: int = Field(8000, ge=1, le=65535, description="HTTP port.")
     max_body_bytes: int = Field(1_000_000, ge=1024, description="Largest request body accepted; larger gets 413.")
+    body_timeout_s: float = Field(
+        10.0, gt=0, description="Seconds a client has to send the whole request body; slower gets 408 and is cut off."
+    )
+    metrics_public: bool = Field(
+        False,
+        description="Serve /metrics without a key (only where the port is private to the scraper); otherwise it "
+        "needs the key of an admin tenant (`knnssd tenants add NAME --admin`).",
+    )
 
 
 class LimitsConfig(_Config):
@@ -114,6 +122,14 @@ class LimitsConfig(_Config):
     )
     window_s: float = Field(60.0, gt=0, description="Sliding window length in seconds (60 for per-minute limits).")
     fail_open: bool = Field(True, description="When Redis is unreachable, admit requests (and count it) instead of 503.")
+    default_max_concurrent: int = Field(
+        8, ge=0, description="Requests one tenant may have in flight on one gateway replica (more get 429 before "
+        "the body is read), for tenants without their own; 0 = unlimited.",
+    )
+    default_max_prompt_tokens: int = Field(
+        4096, ge=0, description="Longest prompt (tokens) a tenant may send, for tenants without their own; longer gets "
+        "400 before any model work. 0 = only the model's context limit.",
+    )
 
 
 class GenerationConfig(_Config):
@@ -149,7 +165,8 @@ class AppConfig(_Config):
     redis_timeout_s: float = Field(0.25, gt=0, description="Socket timeout of Redis calls on the request path.")
     tenants_file: str | None = Field(None, description="YAML file of tenants (hashed keys); Redis tenants also apply.")
     tenant_cache_s: float = Field(
-        10.0, ge=0, description="Seconds a gateway replica trusts a validated key (removals take this long to apply)."
+        10.0, ge=0, description="Seconds a gateway replica trusts a validated key without asking Redis; a removal "
+        "reaches every gateway at once by pub/sub, this is only the bound when that channel is down.",
     )
     http: HttpConfig = Field(default_factory=HttpConfig, description="HTTP listener and body limit.")
     limits: LimitsConfig = Field(default_factory=LimitsConfig, description="Default per-tenant rate limits.")

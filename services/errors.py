@@ -101,16 +101,55 @@ class RateLimited(ServiceError):
         self.headers.setdefault("retry-after-ms", str(max(1, math.ceil(retry_after_s * 1000))))
 
 
+class Forbidden(ServiceError):
+    status, type, code = 403, "invalid_request_error", "permission_denied"
+
+
+class RequestTimeout(ServiceError):
+    """408: the body did not arrive in time. The connection is closed, since the rest of a half-sent body
+    would otherwise be read as the next request."""
+
+    status, type, code = 408, "invalid_request_error", "body_timeout"
+
+    def __init__(self, message: str, **kw: Any) -> None:
+        super().__init__(message, **kw)
+        self.headers.setdefault("connection", "close")
+
+
+class ClientClosed(ServiceError):
+    """The client went away before its request was read; nobody reads this answer, metrics count it as 499."""
+
+    status, type, code = 499, "invalid_request_error", "client_closed"
+
+
 class InternalError(ServiceError):
     status, type, code = 500, "server_error", "internal_error"
 
 
 class ServiceUnavailable(ServiceError):
+    """503 with Retry-After: no replica can take the request now (queue full, replica restarting).
+
+    Raise it from anywhere on the model side (a replica whose own queue is full, for one); it pickles with
+    its `retry_after_s` across Ray processes and reaches the client as 503 + `Retry-After`."""
+
     status, type, code = 503, "server_error", "service_unavailable"
 
+    def __init__(self, message: str, *, retry_after_s: float = 1.0, **kw: Any) -> None:
+        super().__init__(message, **kw)
+        self.retry_after_s = retry_after_s
+        self.headers.setdefault("retry-after", str(max(1, math.ceil(retry_after_s))))
+        self.headers.setdefault("retry-after-ms", str(max(1, math.ceil(retry_after_s * 1000))))
 
-# Ray Serve raises these when no replica can take a request (queue full / deployment gone).
-_UNAVAILABLE_NAMES = {"BackPressureError", "DeploymentUnavailableError", "ActorUnavailableError"}
+
+# Ray Serve raises these when no replica can take a request (queue full / deployment gone)...
+_BUSY_NAMES = {"BackPressureError"}
+# ...and Ray these when the replica died or cannot be reached (killed, node lost, restarting).
+_GONE_NAMES = {
+    "DeploymentUnavailableError", "ActorUnavailableError", "RayActorError", "ActorDiedError",
+    "ActorUnschedulableError", "WorkerCrashedError", "NodeDiedError",
+}
+# A replica that died is restarted by Serve (model load included): a few seconds.
+REPLICA_RESTART_RETRY_S = 5.0
 
 
 def to_service_error(exc: BaseException) -> ServiceError | None:
@@ -136,8 +175,14 @@ def to_service_error(exc: BaseException) -> ServiceError | None:
             else str(exc) or "The prompt is longer than the model's context."
         )
         return PromptTooLong(msg, param="prompt")
-    if type(exc).__name__ in _UNAVAILABLE_NAMES or any(c.__name__ in _UNAVAILABLE_NAMES for c in type(exc).__mro__):
-        return ServiceUnavailable("No model replica can take the request right now; retry shortly.")
+    names = {c.__name__ for c in type(exc).__mro__}
+    if names & _BUSY_NAMES:
+        retry = getattr(exc, "_retry_after_s", None) or getattr(exc, "retry_after_s", None) or 1.0
+        return ServiceUnavailable("No model replica can take the request right now; retry shortly.",
+                                  retry_after_s=float(retry))
+    if names & _GONE_NAMES:
+        return ServiceUnavailable("The model replica serving this request went away; retry shortly.",
+                                  code="replica_unavailable", retry_after_s=REPLICA_RESTART_RETRY_S)
     return None
 
 
@@ -266,3 +311,112 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(RequestValidationError, _validation_handler)
     app.add_exception_handler(StarletteHTTPException, _http_exception_handler)
     app.add_middleware(CatchAllMiddleware)
+
+
+# ---------------------------------------------------------------- Serve's HTTP proxy
+
+# Serve calls this `module:function` in its HTTP proxy at start and wraps the proxy in the middlewares it
+# returns; `knnssd serve` (and the k8s manifests) set it, so the errors the proxy makes itself get the envelope.
+PROXY_CALLBACK_ENV = "RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH"
+PROXY_CALLBACK = "services.errors:proxy_middlewares"
+
+_BY_STATUS: dict[int, type[ServiceError]] = {
+    400: InvalidRequest, 401: Unauthorized, 403: Forbidden, 404: NotFound, 405: MethodNotAllowed,
+    408: RequestTimeout, 413: PayloadTooLarge, 429: RateLimited, 500: InternalError, 503: ServiceUnavailable,
+}
+
+
+def error_for_status(status: int, message: str) -> ServiceError:
+    """The ServiceError class of an HTTP status (for responses made by something other than the gateway)."""
+    cls = _BY_STATUS.get(status)
+    if cls is None:
+        err: ServiceError = InvalidRequest(message) if status < 500 else InternalError(message)
+        err.status = status
+        return err
+    return cls(message)
+
+
+async def _send_error(send: Send, err: ServiceError, extra_headers: list[tuple[bytes, bytes]] = ()) -> None:
+    body = json.dumps(err.envelope()).encode()
+    kept = [(k, v) for k, v in extra_headers if k.lower() not in (b"content-type", b"content-length")]
+    names = {k.lower() for k, _ in kept}  # the original response's headers (Retry-After...) win
+    headers = kept + [(k.encode("latin-1"), v.encode("latin-1")) for k, v in err.headers.items()
+                      if k.encode("latin-1") not in names]
+    headers += [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    await send({"type": "http.response.start", "status": err.status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+class EnvelopeMiddleware:
+    """Pure ASGI, outermost in Serve's HTTP proxy: an error response that is not JSON (the proxy's own
+    plain-text 404/408/500/503, back-pressure at the gateway) is re-sent in the OpenAI envelope with its
+    status and headers (Retry-After) kept; the gateway's JSON passes through untouched. A request that no
+    one answered (the gateway replica died under it) gets a 503 envelope instead of uvicorn's bare 500."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+        held: Message | None = None
+        body = bytearray()
+
+        async def _send(message: Message) -> None:
+            nonlocal started, held
+            if message["type"] == "http.response.start":
+                started = True
+                ctype = next((v for k, v in message.get("headers", []) if k.lower() == b"content-type"), b"")
+                if message["status"] >= 400 and not ctype.startswith(b"application/json"):
+                    held = message  # rewritten once its body is complete
+                    return
+            elif message["type"] == "http.response.body" and held is not None:
+                body.extend(message.get("body", b""))
+                if message.get("more_body", False):
+                    return
+                text = body.decode("utf-8", "replace").strip()[:500] or f"HTTP {held['status']}"
+                err = error_for_status(held["status"], text)
+                await _send_error(send, err, list(held.get("headers", [])))
+                return
+            await send(message)
+
+        try:
+            await self.app(scope, receive, _send)
+        except Exception:  # noqa: BLE001 - the proxy failed before answering: still answer in the envelope
+            log.exception("Serve's proxy failed on %s %s", scope.get("method"), scope.get("path"))
+            if started:
+                return
+        if not started:
+            await _send_error(send, ServiceUnavailable(
+                "The gateway could not answer this request; retry shortly.", retry_after_s=REPLICA_RESTART_RETRY_S))
+
+
+def _json_400(self: Any, msg: str) -> None:
+    """uvicorn's answer to bytes that are not HTTP (a bad Content-Length, an oversized request line...),
+    written in the envelope instead of plain text; the connection is closed as uvicorn does."""
+    body = json.dumps(InvalidRequest(f"{msg} Check the request line and headers.", code="invalid_http").envelope())
+    data = body.encode()
+    head = (b"HTTP/1.1 400 Bad Request\r\ncontent-type: application/json\r\ncontent-length: "
+            + str(len(data)).encode() + b"\r\nconnection: close\r\n\r\n")
+    self.transport.write(head + data)
+    self.transport.close()
+
+
+def patch_uvicorn_400() -> None:
+    """uvicorn answers unparsable requests itself, before any ASGI app runs, and has no setting for it;
+    replace that one method (both HTTP implementations) so those 400s carry the envelope too."""
+    from uvicorn.protocols.http import h11_impl, httptools_impl
+
+    for cls in (getattr(httptools_impl, "HttpToolsProtocol", None), getattr(h11_impl, "H11Protocol", None)):
+        if cls is not None and hasattr(cls, "send_400_response"):
+            cls.send_400_response = _json_400
+
+
+def proxy_middlewares() -> list:
+    """Serve's HTTP proxy callback (see PROXY_CALLBACK_ENV): runs in the proxy process before it listens."""
+    from starlette.middleware import Middleware
+
+    patch_uvicorn_400()
+    return [Middleware(EnvelopeMiddleware)]

@@ -4,20 +4,27 @@
 nothing of Ray, so tests drive it with a fake backend, and the Serve ingress deployment builds it in
 its replica (`__serve_build_asgi_app__`) with a backend over deployment handles.
 
-Per generation request, in order: API key -> tenant (401), body size (413), JSON + schema (400), model
-(404), max_tokens cap (400), rate limits (429), then the backend. The first backend chunk is awaited
-before any response starts, so errors raised before decoding (prompt too long, no replica) get their
-real status even when streaming; an error after streaming began is sent as a final `data: {"error":...}`
-event. Usage, token limits and metrics are recorded once per request, including aborted streams.
+Per generation request, admission comes before any work and before the body is read, from the headers
+alone: API key -> tenant (401), the tenant's requests in flight on this replica (429), rate limits (429).
+Then the body, within `http.body_timeout_s` (408) and `http.max_body_bytes` (413); JSON + schema (400,
+nesting depth and lone surrogates included), model (404), max_tokens cap (400), the tenant's prompt-token
+limit (400), then the backend. The first backend chunk is awaited before any response starts, so errors
+raised before decoding (prompt too long, no replica: 503 + Retry-After) get their real status even when
+streaming; an error after streaming began is sent as a final `data: {"error":...}` event. Usage, token
+limits and metrics are recorded once per request, including aborted streams. Rate-limit windows and usage
+are kept per tenant id (never reused), metrics are labelled with tenant names and need an admin key.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
+import re
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -25,16 +32,22 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ValidationError
 from starlette.concurrency import run_in_threadpool
+from starlette.requests import ClientDisconnect
 
 from services.backend import Backend, BackendChunk, BackendRequest, normalize_finish_reason
 from services.config import AppConfig
 from services.errors import (
+    ClientClosed,
+    Forbidden,
     InternalError,
     InvalidRequest,
     NotFound,
     PayloadTooLarge,
+    PromptTooLong,
     RateLimited,
+    RequestTimeout,
     ServiceError,
+    ServiceUnavailable,
     Unauthorized,
     install_error_handlers,
     to_service_error,
@@ -44,6 +57,9 @@ from services.limits import LimitResult, RateLimiter
 from services.metrics import HttpMetricsMiddleware, RequestStats, ServiceMetrics
 from services.schemas import (
     AssistantMessage,
+    ErrorResponse,
+    HealthResponse,
+    UsageResponse,
     ChatChoice,
     ChatChunkChoice,
     ChatCompletionChunk,
@@ -66,6 +82,20 @@ log = logging.getLogger(__name__)
 
 COMPLETIONS = "/v1/completions"
 CHAT = "/v1/chat/completions"
+MAX_JSON_DEPTH = 32  # the schema nests 4 deep; far deeper is an attack, not a request
+CHAT_TOKENS_PER_MESSAGE = 4  # what a chat template adds around each turn (role markers), roughly
+
+# Prompt tokens of a request: (prompt, messages) -> count. None: the gateway has no tokenizer.
+PromptCounter = Callable[[str | None, list[dict[str, str]] | None], int]
+
+
+def _errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI entries for the error statuses a route can answer (all in the OpenAI envelope)."""
+    why = {400: "Invalid request (the message names the parameter).", 401: "Missing or unknown API key.",
+           403: "The key may not use this route.", 404: "Unknown model or path.", 408: "The body came too slowly.",
+           413: "Body too large.", 429: "Rate or concurrency limit (Retry-After says when to retry).",
+           503: "No replica can take the request now (Retry-After says when to retry)."}
+    return {s: {"model": ErrorResponse, "description": why[s]} for s in statuses}
 
 
 def build_gateway_app(
@@ -75,64 +105,151 @@ def build_gateway_app(
     usage: UsageStore | None,
     metrics: ServiceMetrics,
     config: AppConfig,
+    count_prompt_tokens: PromptCounter | None = None,
 ) -> FastAPI:
-    """The gateway app. `limiter`/`usage` may be None to run without limits or usage accounting."""
-    gw = Gateway(backend, tenants, limiter, usage, metrics, config)
+    """The gateway app. `limiter`/`usage` may be None to run without limits or usage accounting;
+    `count_prompt_tokens` None leaves prompt lengths to the model's context limit."""
+    gw = Gateway(backend, tenants, limiter, usage, metrics, config, count_prompt_tokens)
     app = FastAPI(title="KNN-SSD serving", summary="OpenAI-compatible completions with KNN-routed self-speculation")
     install_error_handlers(app)
     app.add_middleware(HttpMetricsMiddleware, metrics=metrics)  # outermost: sees the final status of everything
     app.state.gateway = gw
+    gen_errors = _errors(400, 401, 404, 408, 413, 429, 503)
+    stream_doc = {"text/event-stream": {"schema": {"type": "string", "description": "with stream: true"}}}
 
-    @app.post(COMPLETIONS)
+    @app.post(COMPLETIONS, response_model=CompletionResponse, responses={
+        200: {"content": stream_doc}, **gen_errors}, openapi_extra=_body_doc(CompletionRequest))
     async def completions(request: Request) -> Response:
         return await gw.generate(request, CompletionRequest)
 
-    @app.post(CHAT)
+    @app.post(CHAT, response_model=ChatCompletionResponse, responses={
+        200: {"content": stream_doc}, **gen_errors}, openapi_extra=_body_doc(ChatCompletionRequest))
     async def chat_completions(request: Request) -> Response:
         return await gw.generate(request, ChatCompletionRequest)
 
-    @app.get("/v1/models")
+    @app.get("/v1/models", response_model=ModelList, responses=_errors(401, 503))
     async def list_models(request: Request) -> dict:
         await gw.authenticate(request)
         return ModelList(data=[ModelCard(id=m) for m in backend.models()]).model_dump()
 
-    @app.get("/v1/models/{model_id:path}")
+    @app.get("/v1/models/{model_id:path}", response_model=ModelCard, responses=_errors(400, 401, 404, 503))
     async def get_model(request: Request, model_id: str) -> dict:
         await gw.authenticate(request)
         gw.check_model(model_id)
         return ModelCard(id=model_id).model_dump()
 
-    @app.get("/v1/usage")
+    @app.get("/v1/usage", response_model=UsageResponse, responses=_errors(401, 404, 503))
     async def get_usage(request: Request) -> dict:
         tenant = await gw.authenticate(request)
         if usage is None:
             raise NotFound("Usage accounting is not enabled on this server.")
-        report = await run_in_threadpool(usage.get, tenant.name)
+        report = await run_in_threadpool(usage.get, tenant.id)
         rpm, tpm = gw.tenant_limits(tenant)
-        return {**report.model_dump(), "limits": {"rpm": rpm, "tpm": tpm, "window_s": config.limits.window_s}}
+        return {**report.model_dump(), "tenant": tenant.name,
+                "limits": {"rpm": rpm, "tpm": tpm, "window_s": config.limits.window_s}}
 
-    @app.get("/health")
-    async def health() -> dict:
-        return {"status": "ok", "models": backend.models()}
+    @app.get("/health", response_model=HealthResponse, responses={503: {
+        "model": HealthResponse, "description": "No model replica can serve right now."}})
+    async def health() -> Response:
+        ok, detail = await gw.backend_available()
+        body = HealthResponse(status="ok" if ok else "unavailable", models=backend.models(), detail=detail)
+        headers = None if ok else {"retry-after": "5"}
+        return JSONResponse(body.model_dump(), status_code=200 if ok else 503, headers=headers)
 
-    @app.get("/metrics")
-    async def prometheus() -> Response:
+    @app.get("/metrics", response_class=Response, responses={
+        200: {"content": {"text/plain": {"schema": {"type": "string"}}}, "description": "Prometheus text."},
+        **_errors(401, 403, 503)})
+    async def prometheus(request: Request) -> Response:
+        if not config.http.metrics_public:
+            tenant = await gw.authenticate(request)
+            if not tenant.admin:
+                raise Forbidden("/metrics needs the key of an admin tenant (knnssd tenants add NAME --admin).")
         body, content_type = metrics.render()
         return Response(body, media_type=content_type)
 
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            app.openapi_schema = _openapi_with_models(app)
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
     return app
+
+
+def load_prompt_counter(config: AppConfig) -> PromptCounter | None:
+    """Count prompt tokens with the served model's own tokenizer (`tokenizer.json` of its directory, read by
+    the `tokenizers` library: no model weights); None, with a warning, when it cannot be found. Chat turns
+    are counted as their text plus CHAT_TOKENS_PER_MESSAGE each (the template's markers, roughly)."""
+    source = config.model_path or config.model
+    try:
+        local = Path(source).expanduser()
+        if local.is_dir() and (local / "tokenizer.json").is_file():
+            model_dir = local
+        else:
+            from engine.load import resolve_model_dir  # the converted bundled model, cached on disk
+
+            model_dir, _ = resolve_model_dir(source)
+        from tokenizers import Tokenizer
+
+        tok = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
+    except Exception as exc:  # noqa: BLE001 - the limit is a safeguard; the model's context limit still holds
+        log.warning("no tokenizer for %s (%s): prompt-token limits are not enforced by the gateway", source, exc)
+        return None
+
+    def count(prompt: str | None, messages: list[dict[str, str]] | None) -> int:
+        if messages is None:
+            return len(tok.encode(prompt or "", add_special_tokens=False).ids)
+        return sum(len(tok.encode(m["content"], add_special_tokens=False).ids) + CHAT_TOKENS_PER_MESSAGE
+                   for m in messages)
+
+    return count
+
+
+def _body_doc(model: type[BaseModel]) -> dict[str, Any]:
+    """The request body of a route that reads its body itself (after admission), for the OpenAPI document."""
+    return {"requestBody": {"required": True, "content": {"application/json": {
+        "schema": {"$ref": f"#/components/schemas/{model.__name__}"}}}}}
+
+
+def _openapi_with_models(app: FastAPI) -> dict[str, Any]:
+    """FastAPI's document plus the request models (referenced by `_body_doc`), without FastAPI's 422 (this
+    server answers validation errors with 400 in the OpenAI envelope)."""
+    from fastapi.openapi.utils import get_openapi
+
+    doc = get_openapi(title=app.title, version=app.version, summary=app.summary, routes=app.routes)
+    schemas = doc.setdefault("components", {}).setdefault("schemas", {})
+    gw: Gateway = app.state.gateway
+    for model in (CompletionRequest, ChatCompletionRequest):
+        full = model.model_json_schema(ref_template="#/components/schemas/{model}", mode="validation")
+        schemas.update(full.pop("$defs", {}))
+        props = full["properties"]
+        # what this server accepts, not just the types: its models and its max_tokens cap
+        props["model"]["enum"] = gw.backend.models()
+        for name in ("max_tokens", "max_completion_tokens"):
+            for alt in props.get(name, {}).get("anyOf", []):
+                if alt.get("type") == "integer":
+                    alt["maximum"] = gw.config.generation.max_tokens_limit
+        schemas[model.__name__] = full
+    for path in doc.get("paths", {}).values():
+        for op in path.values():
+            op.get("responses", {}).pop("422", None)
+    for name in ("HTTPValidationError", "ValidationError"):
+        schemas.pop(name, None)
+    return doc
 
 
 class Gateway:
     """The request logic behind the routes; holds the injected collaborators."""
 
-    def __init__(self, backend, tenants, limiter, usage, metrics, config) -> None:
+    def __init__(self, backend, tenants, limiter, usage, metrics, config, count_prompt_tokens=None) -> None:
         self.backend: Backend = backend
         self.tenants: TenantStore = tenants
         self.limiter: RateLimiter | None = limiter
         self.usage: UsageStore | None = usage
         self.metrics: ServiceMetrics = metrics
         self.config: AppConfig = config
+        self.count_prompt_tokens: PromptCounter | None = count_prompt_tokens
+        self.in_flight: dict[str, int] = {}  # tenant id -> requests admitted and not finished, on this replica
 
     # ---------------------------------------------------------------- checks
 
@@ -157,11 +274,26 @@ class Gateway:
         d = self.config.limits
         return (d.default_rpm if tenant.rpm is None else tenant.rpm, d.default_tpm if tenant.tpm is None else tenant.tpm)
 
+    def enter(self, tenant: Tenant) -> _Lease:
+        """Count one request of `tenant` in flight on this replica, or 429 at once if it has too many (so a
+        tenant holding connections open cannot take every slot of the gateway from the others)."""
+        d = self.config.limits
+        cap = d.default_max_concurrent if tenant.max_concurrent is None else tenant.max_concurrent
+        now = self.in_flight.get(tenant.id, 0)
+        if cap and now >= cap:
+            self.metrics.observe_rate_limited(tenant.name, "concurrent")
+            raise RateLimited(
+                f"Too many requests in flight for this key ({now}, limit {cap}); wait for one to finish.",
+                kind="concurrent_requests", retry_after_s=1.0,
+            )
+        self.in_flight[tenant.id] = now + 1
+        return _Lease(self, tenant.id)
+
     async def admit(self, tenant: Tenant) -> LimitResult:
         if self.limiter is None:
             return LimitResult(allowed=True)
         rpm, tpm = self.tenant_limits(tenant)
-        res = await run_in_threadpool(self.limiter.check, tenant.name, rpm, tpm)
+        res = await run_in_threadpool(self.limiter.check, tenant.id, rpm, tpm)
         if res.degraded:
             self.metrics.observe_redis_error("limits")
         if not res.allowed:
@@ -177,12 +309,48 @@ class Gateway:
             )
         return res
 
+    async def check_prompt(self, tenant: Tenant, req: Any, chat: bool) -> None:
+        """The tenant's prompt-token limit, before any model work (a long prefill holds a replica)."""
+        d = self.config.limits
+        cap = d.default_max_prompt_tokens if tenant.max_prompt_tokens is None else tenant.max_prompt_tokens
+        if not cap or self.count_prompt_tokens is None:
+            return
+        prompt, messages = (None, req.backend_messages()) if chat else (req.prompt, None)
+        n = await run_in_threadpool(self.count_prompt_tokens, prompt, messages)
+        if n > cap:
+            param = "messages" if chat else "prompt"
+            raise PromptTooLong(
+                f"This key may send prompts of at most {cap} tokens, but the {param} has about {n} tokens. "
+                "Shorten the prompt.", param=param,
+            )
+
+    async def backend_available(self) -> tuple[bool, str | None]:
+        """Whether a model replica can serve (backends without a way to tell are assumed able)."""
+        probe = getattr(self.backend, "available", None)
+        if probe is None:
+            return True, None
+        try:
+            return await probe()
+        except Exception as exc:  # noqa: BLE001 - a failing probe means we cannot vouch for the replicas
+            log.warning("health probe failed", exc_info=True)
+            return False, f"health probe failed: {type(exc).__name__}"
+
     # ---------------------------------------------------------------- generation
 
     async def generate(self, request: Request, schema: type[CompletionRequest] | type[ChatCompletionRequest]) -> Response:
         started = time.perf_counter()
         tenant = await self.authenticate(request)
-        data = await read_json_body(request, self.config.http.max_body_bytes)
+        lease = self.enter(tenant)
+        try:
+            return await self._generate(request, schema, tenant, lease, started)
+        except BaseException:
+            lease.release()
+            raise
+
+    async def _generate(self, request: Request, schema, tenant: Tenant, lease: _Lease, started: float) -> Response:
+        limit = await self.admit(tenant)  # from the headers: a refused tenant never gets to send its body
+        http = self.config.http
+        data = await read_json_body(request, http.max_body_bytes, http.body_timeout_s)
         req = parse_body(schema, data)
         chat = isinstance(req, ChatCompletionRequest)
         self.check_model(req.model)
@@ -193,7 +361,7 @@ class Gateway:
             raise InvalidRequest(
                 f"Invalid value for '{param}': at most {cap} on this server.", param=param, code="invalid_value"
             )
-        limit = await self.admit(tenant)
+        await self.check_prompt(tenant, req, chat)
 
         request_id = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
         breq = BackendRequest(
@@ -212,13 +380,13 @@ class Gateway:
         )
         headers = {"x-request-id": request_id, **limit.headers()}
         self.metrics.inflight.inc()
+        lease.gauge = self.metrics.inflight
         it = self.backend.stream(breq)
         try:
             first = await _next(it)
             if first is None:
                 raise InternalError("The model returned no output.")
         except BaseException as exc:
-            self.metrics.inflight.dec()
             await _aclose(it)
             if isinstance(exc, Exception):
                 raise self._mapped(exc, request_id) from exc
@@ -227,8 +395,9 @@ class Gateway:
         if req.stream:
             stats.observe_chunk(first)
             headers.update(_route_headers(stats, req.speculative, final=False))
-            return StreamingResponse(
-                self._sse(it, first, req, chat, stats, tenant, request_id),
+            return _LeasedStream(
+                self._sse(it, first, req, chat, stats, tenant, request_id, lease),
+                lease=lease,
                 media_type="text/event-stream",
                 headers={**headers, "cache-control": "no-cache"},
             )
@@ -241,7 +410,7 @@ class Gateway:
             self.metrics.observe_request(stats)
             raise self._mapped(exc, request_id) from exc
         finally:
-            self.metrics.inflight.dec()
+            lease.release()
             await _aclose(it)
         stats.observe_finish()
         await self._account(tenant, stats)
@@ -273,7 +442,8 @@ class Gateway:
             chunk = await _next(it)
         return "".join(parts)
 
-    async def _sse(self, it, first, req, chat: bool, stats: RequestStats, tenant: Tenant, request_id: str):
+    async def _sse(self, it, first, req, chat: bool, stats: RequestStats, tenant: Tenant, request_id: str,
+                   lease: _Lease):
         created = int(time.time())
         accounted = False
 
@@ -326,16 +496,16 @@ class Gateway:
                 if not accounted:  # aborted or failed stream: still count what was generated
                     stats.observe_finish()
                     await self._account(tenant, stats)
-            self.metrics.inflight.dec()
+            lease.release()
 
     async def _account(self, tenant: Tenant, stats: RequestStats) -> None:
         """Usage counters, the token window and metrics for one finished (or aborted) request."""
         tokens = stats.prompt_tokens + stats.completion_tokens
 
         def write() -> tuple[bool, bool]:
-            ok_limits = self.limiter.record_tokens(tenant.name, tokens) if self.limiter is not None else True
+            ok_limits = self.limiter.record_tokens(tenant.id, tokens) if self.limiter is not None else True
             ok_usage = (
-                self.usage.record(tenant.name, stats.prompt_tokens, stats.completion_tokens)
+                self.usage.record(tenant.id, stats.prompt_tokens, stats.completion_tokens)
                 if self.usage is not None
                 else True
             )
@@ -360,8 +530,48 @@ class Gateway:
 # ---------------------------------------------------------------- helpers
 
 
-async def read_json_body(request: Request, limit: int) -> Any:
-    """The body as JSON, whatever the Content-Type says (curl -d sends form encoding); 413 past `limit`."""
+class _Lease:
+    """One admitted request: its slot in the tenant's in-flight count (and the in-flight gauge once it
+    reached the backend). `release()` is idempotent, so every way a request ends may call it."""
+
+    def __init__(self, gw: Gateway, tenant_id: str) -> None:
+        self.gw = gw
+        self.tenant_id = tenant_id
+        self.gauge: Any = None
+        self.released = False
+
+    def release(self) -> None:
+        if self.released:
+            return
+        self.released = True
+        left = self.gw.in_flight.get(self.tenant_id, 1) - 1
+        if left > 0:
+            self.gw.in_flight[self.tenant_id] = left
+        else:
+            self.gw.in_flight.pop(self.tenant_id, None)
+        if self.gauge is not None:
+            self.gauge.dec()
+
+
+class _LeasedStream(StreamingResponse):
+    """A stream that releases its request's lease however it ends, even if the client left before the
+    body started (the generator's own `finally` never runs then)."""
+
+    def __init__(self, content: Any, *, lease: _Lease, **kw: Any) -> None:
+        super().__init__(content, **kw)
+        self.lease = lease
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.lease.release()
+
+
+async def read_json_body(request: Request, limit: int, timeout_s: float | None = None) -> Any:
+    """The body as JSON, whatever the Content-Type says (curl -d sends form encoding); 413 past `limit`,
+    408 when the whole body has not arrived within `timeout_s` (a client that announces more than it sends
+    must not hold a gateway slot), 400 for malformed, too deeply nested or non-UTF-8-encodable JSON."""
     declared = request.headers.get("content-length")
     if declared is not None:
         try:
@@ -371,18 +581,69 @@ async def read_json_body(request: Request, limit: int) -> Any:
         if size > limit:
             raise PayloadTooLarge(f"Request body of {size} bytes exceeds the limit of {limit} bytes.")
     body = bytearray()
-    async for part in request.stream():
-        body += part
-        if len(body) > limit:
-            raise PayloadTooLarge(f"Request body exceeds the limit of {limit} bytes.")
+    try:
+        async with asyncio.timeout(timeout_s):
+            async for part in request.stream():
+                body += part
+                if len(body) > limit:
+                    raise PayloadTooLarge(f"Request body exceeds the limit of {limit} bytes.")
+    except ClientDisconnect:
+        raise ClientClosed("The client closed the connection before sending the whole body.") from None
+    except TimeoutError:
+        raise RequestTimeout(
+            f"The request body did not arrive within {timeout_s:g}s ({len(body)} bytes"
+            + (f" of {declared} announced" if declared is not None else "") + ")."
+        ) from None
     if not body.strip():
         raise InvalidRequest("The request body is empty; send a JSON object.", code="invalid_json")
     try:
-        return json.loads(bytes(body), parse_constant=_no_constants)
+        data = json.loads(bytes(body), parse_constant=_no_constants)
+    except RecursionError:
+        raise InvalidRequest(
+            f"The JSON body is nested too deeply (at most {MAX_JSON_DEPTH} levels).", code="invalid_json"
+        ) from None
     except (ValueError, UnicodeDecodeError) as exc:
         raise InvalidRequest(
             f"We could not parse the JSON body of your request ({exc}). Send a JSON object.", code="invalid_json"
         ) from None
+    check_json_values(data)
+    return data
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def check_json_values(data: Any) -> None:
+    """400 for JSON nested deeper than MAX_JSON_DEPTH, or a string holding a lone UTF-16 surrogate (valid
+    JSON escapes, but no UTF-8 text: the tokenizer and every encoder after it would fail), naming where."""
+    stack: list[tuple[Any, str, int]] = [(data, "", 0)]
+    while stack:
+        value, path, depth = stack.pop()
+        if depth > MAX_JSON_DEPTH:
+            raise InvalidRequest(
+                f"The JSON body is nested too deeply at '{path}' (at most {MAX_JSON_DEPTH} levels).",
+                param=_top(path), code="invalid_json",
+            )
+        if isinstance(value, str):
+            if _SURROGATE.search(value):
+                raise InvalidRequest(
+                    f"Invalid value for '{path or 'body'}': the string holds a lone UTF-16 surrogate "
+                    "(\\ud800-\\udfff without its pair), which is not text.", param=path or None,
+                    code="invalid_value",
+                )
+        elif isinstance(value, dict):
+            for k, v in value.items():
+                child = f"{path}.{k}" if path else str(k)
+                if _SURROGATE.search(k):
+                    raise InvalidRequest("A JSON key holds a lone UTF-16 surrogate.", code="invalid_value")
+                stack.append((v, child, depth + 1))
+        elif isinstance(value, list):
+            stack.extend((v, f"{path}[{i}]", depth + 1) for i, v in enumerate(value))
+
+
+def _top(path: str) -> str | None:
+    """The top-level parameter of a path like 'messages[0].content'."""
+    return re.split(r"[.\[]", path, maxsplit=1)[0] or None
 
 
 def _no_constants(name: str) -> Any:

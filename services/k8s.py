@@ -256,7 +256,11 @@ def _ray_pod(cfg: K8sConfig, component: str, container: str, res: dict, ports: l
         volumes.append({"name": "tenants", "secret": {"secretName": cfg.tenants_secret,
                                                        "items": [{"key": TENANTS_FILE, "path": tf.name}],
                                                        "optional": True}})
-    env = [{"name": "REDIS_URL", "value": app.redis_url}, {"name": "HF_HUB_OFFLINE", "value": "1"}]
+    from services.errors import PROXY_CALLBACK, PROXY_CALLBACK_ENV
+
+    # the last entry: Serve's HTTP proxy answers its own errors (bad HTTP, back-pressure) in the OpenAI envelope
+    env = [{"name": "REDIS_URL", "value": app.redis_url}, {"name": "HF_HUB_OFFLINE", "value": "1"},
+           {"name": PROXY_CALLBACK_ENV, "value": PROXY_CALLBACK}]
     spec: dict[str, Any] = {
         "securityContext": {"runAsNonRoot": True, "runAsUser": APP_UID, "runAsGroup": APP_UID, "fsGroup": APP_UID},
     }

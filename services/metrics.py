@@ -11,6 +11,7 @@ Note: each gateway replica has its own registry; `/metrics` answers for the repl
 
 from __future__ import annotations
 
+import asyncio
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -23,7 +24,10 @@ from services.backend import BackendChunk, RouteInfo
 TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0, 30.0)
 TPOT_BUCKETS = (0.005, 0.01, 0.02, 0.03, 0.04, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0)
 E2E_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0)
-ENDPOINTS = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/v1/usage", "/health", "/metrics")
+ENDPOINTS = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/v1/usage", "/health", "/metrics",
+             "/openapi.json", "/docs")
+# nginx's status for "the client closed the connection before the answer was complete"
+CLIENT_CLOSED = "499"
 
 
 @dataclass
@@ -161,7 +165,7 @@ class ServiceMetrics:
 
     # -- observers (read stats, write metrics)
 
-    def observe_http(self, endpoint: str, tenant: str, status: int) -> None:
+    def observe_http(self, endpoint: str, tenant: str, status: int | str) -> None:
         self.http_requests.labels(endpoint, tenant, str(status)).inc()
 
     def observe_request(self, s: RequestStats) -> None:
@@ -213,7 +217,9 @@ class ServiceMetrics:
 
 class HttpMetricsMiddleware:
     """Pure ASGI: count every HTTP request by endpoint, tenant (set on `request.state.tenant` by auth,
-    "-" before auth) and status. Unknown paths share one endpoint label to bound cardinality."""
+    "-" before auth) and status. Unknown paths share one endpoint label to bound cardinality. A request
+    whose client went away before the answer was complete (cancelled by Serve, a stream cut short) counts
+    as status "499", not as a server error."""
 
     def __init__(self, app: ASGIApp, metrics: ServiceMetrics) -> None:
         self.app = app
@@ -223,17 +229,33 @@ class HttpMetricsMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        status = 500
+        status: int | str = 500
+        complete = False
+        gone = False
+
+        async def _receive() -> Message:
+            nonlocal gone
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                gone = True
+            return message
 
         async def _send(message: Message) -> None:
-            nonlocal status
+            nonlocal status, complete
             if message["type"] == "http.response.start":
                 status = message["status"]
+            elif message["type"] == "http.response.body" and not message.get("more_body", False):
+                complete = True
             await send(message)
 
         try:
-            await self.app(scope, receive, _send)
+            await self.app(scope, _receive, _send)
+        except (asyncio.CancelledError, OSError):
+            gone = True
+            raise
         finally:
+            if gone and not complete:
+                status = CLIENT_CLOSED
             path = scope.get("path", "")
             endpoint = path if path in ENDPOINTS else ("/v1/models/{id}" if path.startswith("/v1/models/") else "other")
             tenant = (scope.get("state") or {}).get("tenant", "-")

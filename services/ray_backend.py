@@ -5,7 +5,9 @@ Per request: `router.route.remote(...)` -> `Routed` (draft config + route info),
 as they come. Routing is an optimisation: if the Router deployment fails or cannot be reached, the request
 is decoded without speculation (same output) and the route says so (config "plain", fallback). A replica
 that cannot take the request surfaces as Serve's back-pressure error, which the gateway maps to 503.
-If the caller stops reading (client gone), the replica call is cancelled so its decode stops.
+If the caller stops reading (client gone), the replica call is cancelled so its decode stops. A replica
+that dies under a request surfaces as Ray's actor error, which the gateway maps to 503 + Retry-After;
+`available()` asks Serve's controller whether any ModelReplica is running (for /health).
 
 The handles are injected, so tests drive this class with small fakes of the same call shape.
 """
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -33,8 +36,33 @@ class RayBackend:
         self._models = list(models)
         self.route_failures = 0
 
+    HEALTH_CACHE_S = 1.0  # /health may be polled often; the controller is asked at most this often
+
     def models(self) -> list[str]:
         return list(self._models)
+
+    async def available(self) -> tuple[bool, str | None]:
+        """(True, None) when at least one replica of the model deployment is running, else (False, why)."""
+        now = time.monotonic()
+        cached = getattr(self, "_health", None)
+        if cached is not None and now - cached[0] < self.HEALTH_CACHE_S:
+            return cached[1]
+        result = await asyncio.to_thread(self._running_replicas)
+        self._health = (now, result)
+        return result
+
+    def _running_replicas(self) -> tuple[bool, str | None]:
+        from ray import serve
+
+        app, name = self.replica.app_name, self.replica.deployment_name
+        status = serve.status().applications.get(app)
+        deployment = status.deployments.get(name) if status is not None else None
+        if deployment is None:
+            return False, f"deployment {name} of application {app} not found"
+        states = {str(getattr(k, "value", k)): v for k, v in deployment.replica_states.items()}
+        if states.get("RUNNING", 0) > 0:
+            return True, None
+        return False, f"no {name} replica is running ({deployment.status}: {states or 'none'})"
 
     async def route(self, req: BackendRequest) -> Routed:
         if not req.speculative:  # no draft config is needed; skip the embedding

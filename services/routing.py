@@ -7,6 +7,10 @@ the artefact it started with. A tenant pinned to an index version (`BackendReque
 routed with that version, loaded once from the index root; a pin that cannot be loaded is logged and the
 current version is used instead (routing only changes speed, never output).
 
+Only versions that fit the served model are routed with: the router checks the weights hash, the
+embedder and every draft config against the model directory (`served_model`) at start and on each reload,
+and keeps the old version when a new one does not fit (`stats()["reload_rejected"]` counts why).
+
 Redis key names: the router's own names already start with `knnssd:` (`knnssd:index:current`,
 `knnssd:route:...`), so its key prefix is `AppConfig.redis_prefix` without a trailing `knnssd:`; with the
 default prefix the service reads exactly the key `python -m index.job --redis-url ...` publishes.
@@ -71,6 +75,15 @@ def resolve_index_root(config: AppConfig) -> Path:
     return Path(config.index_path).expanduser() if config.index_path else default_index_root()
 
 
+def served_model(config: AppConfig):
+    """(ModelSpec, weights hash) of the served model, read from its directory without loading weights."""
+    from engine.load import resolve_model_dir, weights_hash
+    from router.reload import ModelSpec
+
+    model_dir, _ = resolve_model_dir(config.model_path or config.model)
+    return ModelSpec.from_model_dir(model_dir), weights_hash(model_dir)
+
+
 def router_config(config: AppConfig, index_root: str | Path | None = None):
     """The `RouterConfig` the service runs its router with (derived from AppConfig)."""
     from router.config import RouterConfig
@@ -91,9 +104,15 @@ class RouterService:
         if router is None:
             from router.route import Router
 
-            rc = router_config(self.config)
+            spec, model_hash = served_model(self.config)
+            rc = router_config(self.config).model_copy(update={"expect_model_hash": model_hash})
             log.info("router starting with index root %s (Redis %s, key prefix %r)", rc.index_root, rc.redis_url, rc.key_prefix)
             router = Router.from_config(rc)
+            try:
+                router.source.set_model(spec)  # raises if the index it starts with does not fit the model
+            except BaseException:
+                router.close()
+                raise
         self.router = router
         self._pins: dict[str, str] = {}  # tenant -> pinned version, as applied to the source
         self._bad_pins: set[tuple[str, str]] = set()
@@ -165,7 +184,8 @@ class RouterService:
         return self.router.source.current().version
 
     def stats(self) -> dict[str, Any]:
-        return self.router.stats.snapshot()
+        rejected = getattr(self.router.source, "rejected", None)
+        return {**self.router.stats.snapshot(), "reload_rejected": dict(rejected or {})}
 
     def check_health(self) -> None:
         self.router.source.current()  # raises if no artefact is loaded

@@ -17,8 +17,13 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from pydantic_core import PydanticCustomError
 
 from engine.config import SamplingParams
+from services.usage import UsageReport
 
 MAX_STOP = 4
+# Below these a float32 sampler divides by zero or keeps no token at all (5e-324 is 0 in float32):
+# such values are refused with a 400 naming the parameter rather than decoded into NaNs.
+MIN_TEMPERATURE = 1e-6
+MIN_TOP_P = 1e-6
 
 
 def _unsupported(param: str, why: str = "") -> PydanticCustomError:
@@ -42,9 +47,11 @@ class _SamplingRequest(_Request):
 
     model: str = Field(description="Model name, one of GET /v1/models.")
     max_tokens: int | None = Field(None, ge=1, description="Most tokens to generate; server default when omitted.")
-    temperature: float = Field(1.0, ge=0.0, le=2.0, description="0 is greedy; higher samples more randomly.")
-    top_p: float = Field(1.0, gt=0.0, le=1.0, description="Nucleus sampling mass.")
-    top_k: int = Field(0, ge=0, description="Extension: keep the k most likely tokens; 0 keeps all.")
+    temperature: float = Field(
+        1.0, ge=0.0, le=2.0, description=f"0 is greedy; else at least {MIN_TEMPERATURE:g}; higher samples more randomly."
+    )
+    top_p: float = Field(1.0, ge=MIN_TOP_P, le=1.0, description="Nucleus sampling mass.")
+    top_k: int = Field(0, ge=0, le=2**31 - 1, description="Extension: keep the k most likely tokens; 0 keeps all.")
     seed: int | None = Field(None, ge=-(2**63), le=2**64 - 1, description="Sampling seed for reproducible output.")
     stop: str | list[str] | None = Field(None, description="Up to 4 strings; generation stops before the first one.")
     n: int = Field(1, description="Number of choices; only 1 is supported.")
@@ -61,6 +68,15 @@ class _SamplingRequest(_Request):
     def _only_one(cls, v: Any) -> Any:
         if isinstance(v, int) and not isinstance(v, bool) and v != 1:
             raise _unsupported("n", "only n=1; send separate requests for more choices")
+        return v
+
+    @field_validator("temperature", mode="after")
+    @classmethod
+    def _temperature(cls, v: float) -> float:
+        if 0.0 < v < MIN_TEMPERATURE:
+            raise PydanticCustomError(
+                "temperature_too_small", "must be 0 (greedy) or at least {min}", {"min": f"{MIN_TEMPERATURE:g}"}
+            )
         return v
 
     @field_validator("stop", mode="before")
@@ -260,6 +276,37 @@ class ChatCompletionRequest(_SamplingRequest):
 
 
 # ---------------------------------------------------------------- responses
+
+
+class ErrorInfo(BaseModel):
+    message: str = Field(description="What went wrong, for a person.")
+    type: str = Field(description="OpenAI error type: invalid_request_error, server_error, requests, tokens...")
+    param: str | None = Field(None, description="The request parameter at fault, if one is.")
+    code: str | None = Field(None, description="Machine-readable reason: invalid_value, rate_limit_exceeded...")
+
+
+class ErrorResponse(BaseModel):
+    """Every error this server sends: OpenAI's envelope."""
+
+    error: ErrorInfo = Field(description="The error.")
+
+
+class HealthResponse(BaseModel):
+    status: Literal["ok", "unavailable"] = Field(description="'ok' when a model replica can serve.")
+    models: list[str] = Field(description="Served model names.")
+    detail: str | None = Field(None, description="Why not, when unavailable.")
+
+
+class UsageLimits(BaseModel):
+    rpm: int = Field(description="Requests per window (0 unlimited).")
+    tpm: int = Field(description="Tokens per window (0 unlimited).")
+    window_s: float = Field(description="Window length in seconds.")
+
+
+class UsageResponse(UsageReport):
+    """GET /v1/usage: the calling tenant's own counters and limits."""
+
+    limits: UsageLimits = Field(description="The tenant's rate limits.")
 
 
 class UsageInfo(BaseModel):

@@ -1,6 +1,7 @@
 """`knnssd serve`: the whole service on this machine in one command.
 
-Starts a local Ray (token auth off unless RAY_AUTH_MODE is set), finds the Redis at the config's URL or
+Starts a local Ray that listens on loopback only, with token auth on (`local_ray_env`: nothing of Ray is
+reachable from another machine, and local processes need the per-run token), finds the Redis at the config's URL or
 starts a throwaway `redis-server`, resolves the index (the config's `index_path`, else the shipped
 default), creates the dev tenant with a known key, runs the Serve app (`services.app.build_app`) and
 blocks, printing the URL, the key and a curl line. Ctrl-C (or SIGTERM) shuts Serve, Ray and a Redis it
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import secrets
 import signal
 import sys
 import time
@@ -61,7 +63,7 @@ def ensure_dev_tenant(store, key: str, name: str = DEV_TENANT):
     return tenant
 
 
-def check_index(index_root: Path, model_hash: str | None = None) -> None:
+def check_index(index_root: Path, model_hash: str | None = None, spec=None) -> None:
     """Load and verify the index once before starting (a clear error now beats a failing Router replica)."""
     from index.artefact import ArtefactError, load_artefact
 
@@ -77,9 +79,34 @@ def check_index(index_root: Path, model_hash: str | None = None) -> None:
         ) from None
     m = art.manifest
     _say(f"index: {index_root} (version {m.version}, {len(m.domains)} domains: {', '.join(sorted(m.domains))})")
-    if model_hash is not None and m.model_hash != model_hash:
-        _say(f"warning: the index was built for {m.model_id} (weights {m.model_hash}), not the served weights "
-             f"({model_hash}); its draft configs were not measured on this model")
+    from router.reload import IncompatibleArtefact, validate_manifest
+
+    try:  # the router refuses such an index; say so now, clearly
+        validate_manifest(m, expect_model_hash=model_hash, spec=spec)
+    except IncompatibleArtefact as exc:
+        raise typer.BadParameter(
+            f"the index at {index_root} does not fit the served model: {exc}. Build one for this model with "
+            "`knnssd index build`.", param_hint="index_path"
+        ) from None
+
+
+def local_ray_env() -> dict[str, str]:
+    """Environment for the Ray `knnssd serve` starts on this machine (set before Ray is imported; every Ray
+    process inherits it). Only the Serve HTTP proxy listens where `--host` says; everything else of Ray
+    (GCS, raylets, workers, the dashboard agent with its job API, the runtime-env agent) on 127.0.0.1."""
+    from services.errors import PROXY_CALLBACK, PROXY_CALLBACK_ENV
+
+    return {
+        # Ray's single-machine mode (made for laptops): the node IP becomes 127.0.0.1 instead of the
+        # machine's external address, and Ray's servers bind the node IP.
+        "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+        # Token auth on every Ray RPC and on the agent's HTTP API: a fresh token per run, kept in the
+        # environment of our own processes only (never written to disk).
+        "RAY_AUTH_MODE": "token",
+        "RAY_AUTH_TOKEN": secrets.token_hex(32),
+        # The Serve proxy's own errors (bad HTTP, back-pressure) in the OpenAI envelope.
+        PROXY_CALLBACK_ENV: PROXY_CALLBACK,
+    }
 
 
 def _is_loopback(host: str) -> bool:
@@ -120,7 +147,11 @@ def serve(
         _say(f"wrote {SERVE_CONFIG_PATH}")
         return
 
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    local = ray_address == "local"
+    if local:
+        os.environ.update(local_ray_env())
+    else:  # joining a cluster: its own auth settings apply
+        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from services.config import AppConfig
     from services.redis_server import find_or_start_redis
@@ -146,7 +177,9 @@ def serve(
 
         model_dir, _ = resolve_model_dir(source)  # fails fast on an unknown model; replicas then load in <1 s
         index_root = resolve_index_root(cfg)
-        check_index(index_root, weights_hash(model_dir))
+        from router.reload import ModelSpec
+
+        check_index(index_root, weights_hash(model_dir), ModelSpec.from_model_dir(model_dir))
         cfg = cfg.model_copy(update={"index_path": str(index_root)})
 
         if not no_dev_tenant:
@@ -166,7 +199,9 @@ def serve(
 
         t0 = time.perf_counter()
         env = {k: os.environ[k] for k in ("RAY_AUTH_MODE", "HF_HUB_OFFLINE", "KNNSSD_CACHE") if k in os.environ}
-        ray.init(address=ray_address, include_dashboard=False, runtime_env={"env_vars": env}, log_to_driver=True)
+        loopback = {"_node_ip_address": "127.0.0.1", "dashboard_host": "127.0.0.1"} if local else {}
+        ray.init(address=ray_address, include_dashboard=False, runtime_env={"env_vars": env}, log_to_driver=True,
+                 **loopback)
         ray_started = True
         serve.start(http_options={"host": cfg.http.host, "port": cfg.http.port})
         _say("starting the app...")

@@ -8,9 +8,15 @@ Tenants come from a YAML file (static, read at start) and/or Redis (added and re
 `knnssd tenants ...`). Redis layout under the prefix:
     {prefix}tenants       hash  name   -> tenant JSON (no key, only its id, salt and hash)
     {prefix}tenant_keys   hash  key_id -> name
-A gateway replica trusts a validated key for `cache_s` seconds, so a removal reaches it within that time
-and a Redis outage does not lock out recently seen tenants. An unknown key while Redis is down is a 503
-(the key may well be valid), never a 401.
+    {prefix}tenants:events  pub/sub channel: {"event": "added"|"removed", "key_id": ...}
+A gateway replica trusts a validated key for `cache_s` seconds without asking Redis. `add`/`remove`
+publish an event, and each gateway's watcher thread (`TenantStore.watch()`) drops a removed key from its
+cache at once and puts it on a local deny-list; the cache time only bounds a removal while that channel
+is down. While Redis is unreachable, known keys keep working from the cache, keys on the deny-list get
+401, and unknown keys get 503 (the key may well be valid), never 401.
+
+Every tenant has an `id` that is never reused: a tenant removed and added again under the same name gets
+a fresh one, and rate-limit windows and usage counters are kept per id, so nothing carries over.
 """
 
 from __future__ import annotations
@@ -21,17 +27,23 @@ import json
 import os
 import re
 import secrets
+import logging
 import tempfile
 import threading
 import time
+import uuid
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
 import redis
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from services.errors import ServiceUnavailable
+from services.limits import RedisBreaker, RedisSkipped
+
+log = logging.getLogger(__name__)
 
 KEY_PREFIX = "sk-knnssd-"
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
@@ -56,13 +68,34 @@ class Tenant(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     name: str = Field(description="Tenant name: letters, digits, '_', '.', '-'; unique.")
+    id: str = Field(
+        default_factory=lambda: uuid.uuid4().hex[:16],
+        description="Never reused, even for a name added again: limits and usage are kept per id.",
+    )
     key_id: str = Field(description="Lookup id of the tenant's key (see key_id()).")
     key_salt: str = Field(description="Hex salt of the key hash.")
     key_hash: str = Field(description="Hex sha256(salt + key).")
     rpm: int | None = Field(None, ge=0, description="Requests per window; None uses the config default, 0 unlimited.")
     tpm: int | None = Field(None, ge=0, description="Tokens per window; None uses the config default, 0 unlimited.")
     index_version: str | None = Field(None, description="Pin requests to this index version; None follows the current.")
+    max_concurrent: int | None = Field(
+        None, ge=0, description="Requests in flight per gateway replica; None uses the config default, 0 unlimited."
+    )
+    max_prompt_tokens: int | None = Field(
+        None, ge=0, description="Longest prompt in tokens; None uses the config default, 0 only the model's context."
+    )
+    admin: bool = Field(False, description="The key may also read /metrics.")
     created_at: float = Field(default_factory=time.time, description="Unix time the tenant was added.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _legacy_id(cls, data: Any) -> Any:
+        # Tenants stored before ids existed: a stable id from what made them unique (a re-add has another
+        # created_at, and usually another key), so their windows and usage stay theirs across restarts.
+        if isinstance(data, dict) and "id" not in data and "key_id" in data:
+            seed = f"{data.get('name')}:{data['key_id']}:{data.get('created_at')!r}"
+            data = {**data, "id": "legacy-" + hashlib.sha256(seed.encode()).hexdigest()[:12]}
+        return data
 
     @field_validator("name")
     @classmethod
@@ -77,17 +110,13 @@ class Tenant(BaseModel):
         name: str,
         *,
         key: str | None = None,
-        rpm: int | None = None,
-        tpm: int | None = None,
-        index_version: str | None = None,
+        **limits: Any,
     ) -> tuple[Tenant, str]:
-        """A new tenant and its plaintext key (given, or generated); show the key once, store the tenant."""
+        """A new tenant (fresh id) and its plaintext key (given, or generated); show the key once, store the
+        tenant. `limits`: rpm, tpm, index_version, max_concurrent, max_prompt_tokens, admin."""
         key = key or generate_key()
         salt = secrets.token_hex(16)
-        tenant = cls(
-            name=name, key_id=key_id(key), key_salt=salt, key_hash=hash_key(key, salt),
-            rpm=rpm, tpm=tpm, index_version=index_version,
-        )
+        tenant = cls(name=name, key_id=key_id(key), key_salt=salt, key_hash=hash_key(key, salt), **limits)
         return tenant, key
 
     def verify(self, key: str) -> bool:
@@ -96,7 +125,8 @@ class Tenant(BaseModel):
     def public(self) -> dict[str, Any]:
         """What may be shown (CLI list, /v1/usage): no hash material."""
         return {"name": self.name, "rpm": self.rpm, "tpm": self.tpm, "index_version": self.index_version,
-                "created_at": self.created_at}
+                "max_concurrent": self.max_concurrent, "max_prompt_tokens": self.max_prompt_tokens,
+                "admin": self.admin, "created_at": self.created_at}
 
 
 # ------------------------------------------------------------------ tenants file
@@ -169,6 +199,9 @@ return 1
 """
 
 
+DENY_LIST_SIZE = 100_000
+
+
 class TenantStore:
     """Static tenants (from a file) plus tenants in Redis. `authenticate(key)` is the request-path call."""
 
@@ -184,8 +217,12 @@ class TenantStore:
         self.cache_s = cache_s
         self._static = {t.key_id: t for t in tenants}
         self._cache: dict[str, tuple[Tenant, float]] = {}
+        self._denied: OrderedDict[str, None] = OrderedDict()  # key ids known to be removed (LRU-bounded)
         self._lock = threading.Lock()
         self.redis_errors = 0
+        self.breaker = RedisBreaker()
+        self._stop = threading.Event()
+        self._watcher: threading.Thread | None = None
         if redis_client is not None:
             self._lookup = redis_client.register_script(_LOOKUP)
             self._add = redis_client.register_script(_ADD)
@@ -197,6 +234,10 @@ class TenantStore:
     @property
     def _keys_key(self) -> str:
         return self.prefix + "tenant_keys"
+
+    @property
+    def events_channel(self) -> str:
+        return self.prefix + "tenants:events"
 
     # -- request path
 
@@ -211,27 +252,100 @@ class TenantStore:
         now = time.monotonic()
         with self._lock:
             cached = self._cache.get(kid)
+            denied = kid in self._denied
         if cached is not None and cached[1] > now:
             return cached[0] if cached[0].verify(key) else None
         if self.redis is None:
             return None
         try:
+            if not self.breaker.allow():
+                raise RedisSkipped("Redis recently failed; skipping it for a moment")
             raw = self._lookup(keys=[self._keys_key, self._tenants_key], args=[kid])
         except (redis.RedisError, OSError) as exc:
             self.redis_errors += 1
+            if not isinstance(exc, RedisSkipped):
+                self.breaker.failure()
+            if denied:  # removed while Redis was up: stays removed while it is down
+                return None
             if cached is not None:  # stale but known: better than locking the tenant out
                 return cached[0] if cached[0].verify(key) else None
             raise ServiceUnavailable("The tenant store is unavailable; retry shortly.") from exc
+        self.breaker.success()
         if not raw:
             with self._lock:
-                self._cache.pop(kid, None)
+                if self._cache.pop(kid, None) is not None or denied:
+                    self._deny(kid)
             return None
         tenant = Tenant.model_validate_json(raw)
         if not tenant.verify(key):
             return None
         with self._lock:
             self._cache[kid] = (tenant, now + self.cache_s)
+            self._denied.pop(kid, None)
         return tenant
+
+    def _deny(self, kid: str) -> None:  # holds self._lock
+        self._denied[kid] = None
+        self._denied.move_to_end(kid)
+        while len(self._denied) > DENY_LIST_SIZE:
+            self._denied.popitem(last=False)
+
+    # -- removal events (pub/sub)
+
+    def on_event(self, event: dict) -> None:
+        """Apply one tenants event: a removed key leaves the cache and is denied; an added one is allowed."""
+        kid = event.get("key_id")
+        if not isinstance(kid, str):
+            return
+        with self._lock:
+            if event.get("event") == "removed":
+                self._cache.pop(kid, None)
+                self._deny(kid)
+            elif event.get("event") == "added":
+                self._denied.pop(kid, None)
+
+    def watch(self) -> TenantStore:
+        """Start the thread that follows add/remove events (one per gateway replica); idempotent."""
+        if self.redis is not None and self._watcher is None:
+            self._stop.clear()
+            self._watcher = threading.Thread(target=self._watch_loop, name="knnssd-tenant-events", daemon=True)
+            self._watcher.start()
+        return self
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._watcher is not None:
+            self._watcher.join(timeout=5)
+            self._watcher = None
+
+    def _watch_loop(self) -> None:
+        assert self.redis is not None
+        while not self._stop.is_set():
+            pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
+            try:
+                pubsub.subscribe(self.events_channel)
+                # Events sent while we were not subscribed are lost: forget what the cache vouches for.
+                with self._lock:
+                    self._cache.clear()
+                while not self._stop.is_set():
+                    msg = pubsub.get_message(timeout=0.5)
+                    if msg and msg.get("type") == "message":
+                        try:
+                            self.on_event(json.loads(msg["data"]))
+                        except (ValueError, TypeError):
+                            log.warning("ignoring a malformed tenants event: %r", msg.get("data"))
+            except (redis.RedisError, OSError) as exc:
+                log.debug("tenant events subscription lost (%s); retrying", exc)
+                self._stop.wait(1.0)
+            finally:
+                try:
+                    pubsub.close()
+                except (redis.RedisError, OSError):
+                    pass
+
+    def _publish(self, event: str, kid: str) -> None:
+        assert self.redis is not None
+        self.redis.publish(self.events_channel, json.dumps({"event": event, "key_id": kid}))
 
     # -- administration (Redis)
 
@@ -240,20 +354,13 @@ class TenantStore:
             raise RuntimeError("this TenantStore has no Redis; edit the tenants file instead")
         return self.redis
 
-    def add(
-        self,
-        name: str,
-        *,
-        key: str | None = None,
-        rpm: int | None = None,
-        tpm: int | None = None,
-        index_version: str | None = None,
-    ) -> tuple[Tenant, str]:
-        """Add a tenant in Redis; returns it and its plaintext key (the only time the key exists in clear)."""
+    def add(self, name: str, *, key: str | None = None, **limits: Any) -> tuple[Tenant, str]:
+        """Add a tenant in Redis with a fresh id; returns it and its plaintext key (the only time the key exists
+        in clear). `limits`: rpm, tpm, index_version, max_concurrent, max_prompt_tokens, admin."""
         self._need_redis()
         if any(t.name == name for t in self._static.values()):
             raise ValueError(f"tenant {name!r} is defined in the tenants file")
-        tenant, key = Tenant.create(name, key=key, rpm=rpm, tpm=tpm, index_version=index_version)
+        tenant, key = Tenant.create(name, key=key, **limits)
         added = self._add(
             keys=[self._tenants_key, self._keys_key], args=[name, tenant.model_dump_json(), tenant.key_id]
         )
@@ -261,6 +368,7 @@ class TenantStore:
             raise ValueError(f"tenant {name!r} already exists")
         if added == -1:
             raise ValueError("this key is already in use by another tenant")
+        self._publish("added", tenant.key_id)
         return tenant, key
 
     def remove(self, name: str) -> bool:
@@ -272,11 +380,10 @@ class TenantStore:
         with r.pipeline(transaction=True) as pipe:
             pipe.hdel(self._tenants_key, name)
             pipe.hdel(self._keys_key, tenant.key_id)
+            pipe.publish(self.events_channel, json.dumps({"event": "removed", "key_id": tenant.key_id}))
             pipe.execute()
-        with self._lock:
-            self._cache.pop(tenant.key_id, None)
+        self.on_event({"event": "removed", "key_id": tenant.key_id})
         return True
-
     def get(self, name: str) -> Tenant | None:
         for t in self._static.values():
             if t.name == name:

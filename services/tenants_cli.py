@@ -34,13 +34,21 @@ def add(
     rpm: Optional[int] = typer.Option(None, "--rpm", min=0, help="Requests per minute; default from config; 0 = unlimited."),
     tpm: Optional[int] = typer.Option(None, "--tpm", min=0, help="Tokens per minute; default from config; 0 = unlimited."),
     index_version: Optional[str] = typer.Option(None, "--index-version", help="Pin the tenant to an index version."),
+    max_concurrent: Optional[int] = typer.Option(
+        None, "--max-concurrent", min=0, help="Requests in flight per gateway replica; default from config; 0 = unlimited."
+    ),
+    max_prompt_tokens: Optional[int] = typer.Option(
+        None, "--max-prompt-tokens", min=0, help="Longest prompt in tokens; default from config; 0 = the model's context."
+    ),
+    admin: bool = typer.Option(False, "--admin", help="The key may also read /metrics."),
     file: Optional[str] = _FILE,
     config: Optional[str] = _CONFIG,
     redis_url: Optional[str] = _URL,
     prefix: Optional[str] = _PREFIX,
 ) -> None:
     """Add a tenant and print its API key (shown only this once)."""
-    kw = {"rpm": rpm, "tpm": tpm, "index_version": index_version}
+    kw = {"rpm": rpm, "tpm": tpm, "index_version": index_version, "max_concurrent": max_concurrent,
+          "max_prompt_tokens": max_prompt_tokens, "admin": admin}
     try:
         if file:
             from services.tenants import add_tenant_to_file
@@ -67,7 +75,8 @@ def remove(
     redis_url: Optional[str] = _URL,
     prefix: Optional[str] = _PREFIX,
 ) -> None:
-    """Remove a tenant; its key stops working (within the gateways' tenant cache time)."""
+    """Remove a tenant; its key stops working at once on every gateway (its name may be added again later,
+    with a fresh id: limits and usage start anew)."""
     if file:
         from services.tenants import remove_tenant_from_file
 
@@ -105,9 +114,12 @@ def list_(
             rows = store.list_tenants()
         finally:
             client.close()
-    table = Table("name", "rpm", "tpm", "index version", "source")
+    table = Table("name", "id", "rpm", "tpm", "concurrent", "prompt tokens", "index version", "admin", "source")
+
+    def limit(v: int | None) -> str:
+        return "default" if v is None else str(v)
+
     for t, source in rows:
-        dflt = "default"
-        table.add_row(t.name, dflt if t.rpm is None else str(t.rpm), dflt if t.tpm is None else str(t.tpm),
-                      t.index_version or "current", source)
+        table.add_row(t.name, t.id, limit(t.rpm), limit(t.tpm), limit(t.max_concurrent), limit(t.max_prompt_tokens),
+                      t.index_version or "current", "yes" if t.admin else "", source)
     Console(width=120).print(table)

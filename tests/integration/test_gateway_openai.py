@@ -13,7 +13,7 @@ import pytest
 import uvicorn
 
 from services.backend import BackendChunk, BackendRequest, RouteInfo, Usage
-from services.config import AppConfig, LimitsConfig
+from services.config import AppConfig, HttpConfig, LimitsConfig
 from services.gateway import build_gateway_app
 from services.limits import RateLimiter
 from services.metrics import ServiceMetrics
@@ -51,7 +51,8 @@ class EchoBackend:
 
 @pytest.fixture
 def server(redis_url, redis_prefix):
-    config = AppConfig(redis_url=redis_url, limits=LimitsConfig(window_s=1.0))
+    # /metrics without a key here (the admin-key gate is tested in test_hardening_gateway.py)
+    config = AppConfig(redis_url=redis_url, limits=LimitsConfig(window_s=1.0), http=HttpConfig(metrics_public=True))
     rc = config.redis_client()
     store = TenantStore(rc, prefix=redis_prefix)
     _, key = store.add("oa", rpm=20, tpm=0)

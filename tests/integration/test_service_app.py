@@ -38,6 +38,13 @@ CONFIGS = {
 DEFAULT_CFG = DraftConfig(skip_mlp=(26, 27), max_draft=4)
 
 
+def served_weights_hash() -> str:
+    """The bundled model's weights hash: the router refuses index versions built for other weights."""
+    from engine.load import resolve_model_dir, weights_hash
+
+    return weights_hash(resolve_model_dir(MODEL)[0])
+
+
 def write_index(root: Path, embedder, configs: dict[str, DraftConfig], per_domain: int = 8) -> str:
     """A real artefact: MiniLM centroids of the first prompts of each default-corpus domain."""
     from index.artefact import DomainEntry, IndexManifest, new_version, now_iso, write_artefact
@@ -50,7 +57,8 @@ def write_index(root: Path, embedder, configs: dict[str, DraftConfig], per_domai
     return write_manifest(root, index, labels, embedder.id, embedder.dim, corpus.hash, configs)
 
 
-def write_manifest(root, index, labels, embedder_id, dim, corpus_hash, configs) -> str:
+def write_manifest(root, index, labels, embedder_id, dim, corpus_hash, configs, *, model_hash=None,
+                   fallback=None) -> str:
     from index.artefact import DomainEntry, IndexManifest, new_version, now_iso, write_artefact
 
     domains = {
@@ -59,9 +67,9 @@ def write_manifest(root, index, labels, embedder_id, dim, corpus_hash, configs) 
         for name in sorted(set(labels))
     }
     manifest = IndexManifest(
-        version=new_version(), created_at=now_iso(), model_id=MODEL, model_hash="test", embedder_id=embedder_id,
-        embedder_dim=dim, representation="minilm", corpus_hash=corpus_hash, distance_threshold=0.1,
-        fallback_config=DraftConfig.plain(), domains=domains,
+        version=new_version(), created_at=now_iso(), model_id=MODEL, model_hash=model_hash or served_weights_hash(),
+        embedder_id=embedder_id, embedder_dim=dim, representation="minilm", corpus_hash=corpus_hash,
+        distance_threshold=0.1, fallback_config=fallback or DraftConfig.plain(), domains=domains,
     )
     write_artefact(root, manifest, index, labels)
     return manifest.version
@@ -86,7 +94,7 @@ def service(redis_url, tmp_path_factory):
         redis_prefix=prefix,
         index_path=str(index_root),
         http=HttpConfig(port=port, max_body_bytes=BODY_LIMIT),
-        limits=LimitsConfig(window_s=WINDOW_S),
+        limits=LimitsConfig(window_s=WINDOW_S, default_max_prompt_tokens=0),  # the model's context is the limit
         generation=GenerationConfig(default_max_tokens=16, max_tokens_limit=MAX_TOKENS_CAP),
         deployments=DeploymentsConfig(
             replica=DeploymentSettings(name="ModelReplica", max_ongoing_requests=2, max_queued_requests=1),
@@ -96,6 +104,7 @@ def service(redis_url, tmp_path_factory):
     store = TenantStore(client, prefix=prefix)
     _, key = store.add("main", rpm=0, tpm=0)
     _, tight_key = store.add("tight", rpm=1, tpm=0)
+    _, admin_key = store.add("ops", admin=True)  # /metrics needs an admin tenant's key
 
     env = {"RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE", "disabled"), "HF_HUB_OFFLINE": "1"}
     ray.init(address="local", include_dashboard=False, runtime_env={"env_vars": env}, log_to_driver=False)
@@ -103,7 +112,8 @@ def service(redis_url, tmp_path_factory):
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         serve.run(build_app(config), name="knnssd-test", route_prefix="/")
         yield {
-            "url": f"http://127.0.0.1:{port}", "key": key, "tight_key": tight_key, "config": config,
+            "url": f"http://127.0.0.1:{port}", "key": key, "tight_key": tight_key, "admin_key": admin_key,
+            "config": config,
             "index_root": index_root, "version": version, "redis_url": redis_url, "prefix": prefix,
         }
     finally:
@@ -376,9 +386,9 @@ def test_new_index_version_reaches_the_router_without_restart(service, http):
     assert info["config_id"] == new_cfg["code"].config_id
 
 
-def test_metrics_carry_speculative_routing_and_http_counters(http):
+def test_metrics_carry_speculative_routing_and_http_counters(service, http):
     complete(http, max_tokens=4)
-    r = http.get("/metrics")
+    r = http.get("/metrics", headers={"Authorization": f"Bearer {service['admin_key']}"})
     assert r.status_code == 200
     text = r.text
     for name in ("knnssd_spec_decode_drafts_total", "knnssd_spec_decode_draft_tokens_total",

@@ -49,6 +49,45 @@ def index_for_test(tmp_path: Path) -> str | None:
         return str(tmp_path / "index")
 
 
+def _is_loopback(ip: str) -> bool:
+    import ipaddress
+
+    addr = ipaddress.ip_address(ip.split("%")[0])
+    mapped = getattr(addr, "ipv4_mapped", None)
+    return (mapped or addr).is_loopback
+
+
+def listening_sockets(pid: int) -> list[tuple[str, int, str]]:
+    """(address, port, process name) of every listening TCP socket of `pid` and all its descendants."""
+    import psutil
+
+    root = psutil.Process(pid)
+    names = {p.pid: p.name() for p in [root, *root.children(recursive=True)]}
+    return sorted((c.laddr.ip, c.laddr.port, names[c.pid]) for c in psutil.net_connections("inet")
+                  if c.status == psutil.CONN_LISTEN and c.pid in names)
+
+
+def assert_ray_is_private(pid: int) -> None:
+    """Issue 13, finding 1: every port of the local Ray (GCS, raylet, workers, agents, proxy) is on loopback,
+    and the dashboard agent's job API (which runs commands) refuses a request without the Ray token."""
+    import httpx
+
+    sockets = listening_sockets(pid)
+    names = {name for _, _, name in sockets}
+    assert {"gcs_server", "raylet"} <= names and any("DashboardAgent" in n for n in names), sockets
+    exposed = [s for s in sockets if not _is_loopback(s[0])]
+    assert exposed == [], f"Ray listens beyond loopback: {exposed}"
+    answers = []
+    for ip, port, name in sockets:
+        if "DashboardAgent" in name:
+            try:
+                r = httpx.post(f"http://127.0.0.1:{port}/api/job_agent/jobs/", json={"entrypoint": "id"}, timeout=5)
+                answers.append(r.status_code)
+            except httpx.HTTPError:
+                pass  # a gRPC port
+    assert 401 in answers and not any(200 <= a < 300 for a in answers), answers
+
+
 def test_knnssd_serve_and_the_readme_examples(redis_url, tmp_path):
     import redis
 
@@ -79,6 +118,7 @@ def test_knnssd_serve_and_the_readme_examples(redis_url, tmp_path):
             time.sleep(0.5)
         out = out_path.read_text()
         assert "API key: sk-knnssd-dev" in out and f"http://127.0.0.1:{port}/v1" in out, out[-3000:]
+        assert_ray_is_private(proc.pid)
 
         # The README's curl example, as written but for the port.
         res = subprocess.run(["bash", "-c", curl.replace(":8000", f":{port}")], capture_output=True, text=True,

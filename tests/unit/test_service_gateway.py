@@ -71,7 +71,8 @@ class FakeBackend:
 def keys():
     alice, alice_key = Tenant.create("alice")
     bob, bob_key = Tenant.create("bob", index_version="v7")
-    return {"alice": (alice, alice_key), "bob": (bob, bob_key)}
+    ops, ops_key = Tenant.create("ops", admin=True)
+    return {"alice": (alice, alice_key), "bob": (bob, bob_key), "ops": (ops, ops_key)}
 
 
 @pytest.fixture
@@ -362,11 +363,11 @@ def test_usage_endpoint_disabled_without_store(client):
     assert client.get("/v1/usage").status_code == 404
 
 
-def test_metrics_endpoint(client, metrics):
+def test_metrics_endpoint(client, metrics, keys):
     client.post("/v1/completions", json={"model": MODEL, "prompt": "x"})
     client.post("/v1/completions", json={"model": MODEL, "prompt": "x", "n": 2})
     client.post("/v1/completions", json={"model": MODEL, "prompt": "x"}, headers={"authorization": "Bearer bad"})
-    r = client.get("/metrics")
+    r = client.get("/metrics", headers={"authorization": f"Bearer {keys['ops'][1]}"})  # an admin tenant's key
     assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
     text = r.text
     assert 'knnssd_http_requests_total{endpoint="/v1/completions",status="200",tenant="alice"} 1.0' in text
