@@ -39,10 +39,11 @@ class DraftConfig(BaseModel):
     target_acceptance: float = Field(
         0.7, gt=0.0, lt=1.0, description="Acceptance rate the adaptive threshold steers towards."
     )
-    quantize: Literal["none", "int8"] = Field(
+    quantize: Literal["none", "int8", "int4"] = Field(
         "none",
-        description="Precision of the draft's weights: 'int8' runs weight-only int8 copies (bf16 activations) "
-        "kept beside the full weights; the verify pass always uses the full fp32 weights.",
+        description="Precision of the draft's weights: 'int8' (per row) or 'int4' (per group of 32 inputs, the "
+        "layout of GGUF Q4_1) weight-only copies with bf16 activations, kept beside the full weights; the "
+        "verify pass always uses the full weights.",
     )
     draft_vocab: int = Field(
         0, ge=0, description="Rows of the draft-only LM head (most frequent tokens first, FR-Spec style); 0 = all."
@@ -91,6 +92,19 @@ class DraftConfig(BaseModel):
         return cls(enabled=False)
 
 
+class RuntimeSettings(BaseModel):
+    """How one engine runs many requests."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    max_running: int = Field(8, ge=1, description="Requests decoded together (KV-cache slots); more wait in the queue.")
+    max_waiting: int = Field(64, ge=0, description="Requests queued for a slot; a full queue refuses new ones (the service answers 503).")
+    prefill_chunk: int = Field(128, ge=1, description="Prompt tokens per prefill chunk; chunks start at multiples of this, so a prompt's split never depends on load.")
+    prefill_rows: int = Field(256, ge=1, description="Most prompt rows per iteration (whole chunks, at least one), so long prompts interleave with other requests' steps.")
+    load_aware: bool = Field(True, description="Shorten or switch off drafts when measured pass costs say they do not pay at the current batch size.")
+    calibrate: bool = Field(True, description="Measure pass costs by rows once (about a second) before the first batched decision.")
+
+
 class SamplingParams(BaseModel):
     """Per-request decoding parameters. temperature == 0 means greedy."""
 
@@ -124,6 +138,10 @@ class DecodeStats:
     time_verify: float = 0.0
     time_other: float = 0.0
     finish_reason: str = ""
+    paused_steps: int = 0  # steps online correction left without a model draft (it was not paying)
+    load_capped_steps: int = 0  # steps whose draft length the load-aware cap shortened
+    load_plain_steps: int = 0  # steps the load-aware cap turned speculation off for (batch too large)
+    max_batch: int = 0  # most requests that shared a pass with this one
 
     def observe_step(self, drafted: int, accepted: int) -> None:
         self.steps += 1
@@ -170,4 +188,8 @@ class DecodeStats:
             "time_verify_s": round(self.time_verify, 5),
             "time_other_s": round(self.time_other, 5),
             "finish_reason": self.finish_reason,
+            "paused_steps": self.paused_steps,
+            "load_capped_steps": self.load_capped_steps,
+            "load_plain_steps": self.load_plain_steps,
+            "max_batch": self.max_batch,
         }

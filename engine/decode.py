@@ -1,22 +1,27 @@
-"""The decode loop: prefill, then plain steps or draft-and-verify steps, yielding committed token ids.
+"""One request's decoding: prefill in fixed chunks, then plain steps or draft-and-verify steps.
 
-The engine knows nothing about text here: token ids in, token ids out. Cache bookkeeping: after each
-step the KV cache holds every committed token except the last one (`cur`), which the next pass feeds.
-A speculative step drafts d_1..d_k with the draft (the same weights, some sub-layers skipped), verifies
-[cur, d_1..d_k] in one full pass (which rewrites K/V of every layer for those positions), and commits
-n accepted tokens plus one recovered/bonus token. Rejected positions are just overwritten later.
+`Sequence` holds a request's state and the per-request half of every step; `engine.schedule.Scheduler`
+batches the passes of many sequences. Cache bookkeeping: after each step the KV cache holds every
+committed token except the last one (`cur`), which the next pass feeds. A speculative step verifies
+[cur, d_1..d_k] in one full pass (which rewrites K/V of every layer for those positions) and commits n
+accepted tokens plus one recovered/bonus token; rejected positions are overwritten later.
+
+Prefill chunks start at multiples of the chunk size, so how a prompt is split depends on the prompt
+alone: a request's K/V, and so its output, is the same whatever else the runtime is doing.
 """
 
 from __future__ import annotations
 
-import time
-from collections.abc import Iterator
+import itertools
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
 from engine.config import DecodeStats, DraftConfig, SamplingParams
-from engine.draft import Draft, Drafter
-from engine.lean import LeanModel
+from engine.detok import TextStream
+from engine.draft import NO_DRAFT, Draft, Drafter, draft_plan
+from engine.lean import LeanModel, Segment
 from engine.sampling import make_generator, probs_for, sample
 from engine.verify import greedy_verify, rejection_sample
 
@@ -35,88 +40,192 @@ class PromptTooLongError(ValueError):
         return (PromptTooLongError, (self.prompt_tokens, self.limit))
 
 
-def decode(
-    model: LeanModel,
-    prompt: list[int],
-    params: SamplingParams,
-    draft: DraftConfig,
-    eos_ids: frozenset[int],
-    stats: DecodeStats | None = None,
-) -> Iterator[list[int]]:
-    """Yields lists of newly committed token ids (EOS excluded). `stats` is filled as it goes and its
-    finish_reason set to "stop" (EOS) or "length" (max_new_tokens or context) when the loop ends by
-    itself; a caller that stops early (stop strings) sets its own."""
-    stats = stats if stats is not None else DecodeStats()
-    limit = model.max_len
-    if len(prompt) == 0:
-        raise ValueError("prompt is empty")
-    if len(prompt) >= limit:
-        raise PromptTooLongError(len(prompt), limit)
-    draft.check_layers(model.n_layers)
-    gen = make_generator(params.seed)
-    speculative = draft.enabled
-    drafter = Drafter(model, draft, params, gen) if speculative else None
-    # prompt + committed tokens, for prompt lookup; preallocated so a step appends without copying
-    history = torch.empty(limit, dtype=torch.long)
-    history[: len(prompt)] = torch.tensor(prompt)
-    stats.prompt_tokens = len(prompt)
+@dataclass
+class StepOutput:
+    token_ids: list[int]
+    text: str  # new text since the previous StepOutput
+    finish_reason: str | None  # None until the last output: "stop", "length" (or "cancelled")
+    stats: DecodeStats
 
-    def pick(logits: torch.Tensor) -> int:  # logits [1, V]
-        if params.greedy:
+
+_ids = itertools.count()
+
+
+class Sequence:
+    """A request inside the runtime. Not thread-safe except `cancel()`; the scheduler's thread owns it."""
+
+    def __init__(
+        self,
+        model: LeanModel,
+        prompt: list[int],
+        params: SamplingParams,
+        draft: DraftConfig | None,
+        eos_ids: frozenset[int],
+        text: TextStream | None = None,
+        emit: Callable[[StepOutput], None] | None = None,
+        rid: str | None = None,
+    ):
+        limit = model.max_len
+        if len(prompt) == 0:
+            raise ValueError("prompt is empty")
+        if len(prompt) >= limit:
+            raise PromptTooLongError(len(prompt), limit)
+        draft = draft or DraftConfig.plain()
+        draft.check_layers(model.n_layers)
+        self.rid = rid or f"seq-{next(_ids)}"
+        self.model, self.prompt, self.params, self.config = model, list(prompt), params, draft
+        self.eos_ids, self.text = eos_ids, text
+        self.emit = emit
+        self.outbox: list[StepOutput] = []  # outputs when no `emit` callback is given
+        self.limit = limit
+        self.stats = DecodeStats(prompt_tokens=len(prompt))
+        self.gen = make_generator(params.seed, model.device)
+        plan = draft_plan(model, draft)
+        self.drafter = Drafter(draft, params, plan) if draft.enabled else None
+        # prompt + committed tokens, for prompt lookup; preallocated so a step appends without copying
+        self.history = torch.empty(limit, dtype=torch.long)
+        self.history[: len(prompt)] = torch.tensor(prompt)
+        need = len(prompt) + params.max_new_tokens + (draft.max_draft if draft.enabled else 0) + 1
+        self.cache = model.new_cache(capacity=min(need, limit))
+        self.prefilled = 0
+        self.pos = 0  # position of `cur`; the cache holds [0, pos)
+        self.cur = -1
+        self.produced = 0
+        self.alpha = 0.7  # running acceptance of this request's drafts (load-aware cap)
+        self.finish_reason: str | None = None
+        self.cancelled = False
+
+    # ---- state -------------------------------------------------------------------------------------
+
+    @property
+    def prefilling(self) -> bool:
+        return self.prefilled < len(self.prompt)
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+    @property
+    def deterministic_drafts(self) -> bool:
+        """Seeded sampling must draw the same samples whatever else runs, so its drafts may not depend on
+        load or timing; greedy output cannot change, whatever the drafts."""
+        return not self.params.greedy
+
+    def cancel(self) -> None:
+        self.cancelled = True  # read by the scheduler at its next iteration
+
+    def draft_limit(self) -> int:
+        """Most tokens this step may draft: within the config, the token budget and the context."""
+        if self.drafter is None:
+            return 0
+        budget = min(self.params.max_new_tokens - self.produced, self.limit - 1 - self.pos)
+        return max(min(self.config.max_draft, budget - 1), 0)
+
+    # ---- passes --------------------------------------------------------------------------------------
+
+    def prefill_segment(self, chunk: int) -> Segment:
+        start = self.prefilled
+        end = min((start // chunk + 1) * chunk, len(self.prompt))
+        toks = torch.tensor(self.prompt[start:end], device=self.model.device)
+        last = end == len(self.prompt)
+        return Segment(self.cache, start, toks, "last" if last else "none", exact=False)
+
+    def after_prefill(self, seg: Segment, logits: torch.Tensor | None, seconds: float) -> None:
+        self.prefilled = seg.start + seg.tokens.shape[0]
+        self.stats.time_prefill += seconds
+        if self.prefilling:
+            return
+        assert logits is not None
+        self.cur = self._pick(logits)
+        self.pos = len(self.prompt)
+        self.history[self.pos] = self.cur
+        self._commit([self.cur])
+
+    def lookup_draft(self, limit: int) -> Draft | None:
+        if self.drafter is None or limit <= 0:
+            return None
+        return self.drafter.lookup(self.history[: self.pos + 1], limit)
+
+    def verify_segment(self, draft: Draft) -> Segment:
+        toks = torch.cat([torch.tensor([self.cur]), draft.tokens]).to(self.model.device)
+        return Segment(self.cache, self.pos, toks, "all", exact=True)
+
+    def after_verify(self, draft: Draft, logits: torch.Tensor, draft_s: float, verify_s: float, step_cost: float) -> None:
+        """Accept or reject the draft against the full pass's logits [k+1, V], then commit."""
+        k = draft.tokens.shape[0]
+        if self.params.greedy:
+            n, pending = greedy_verify(draft.tokens, logits)
+        else:
+            target = probs_for(logits, self.params)  # [k+1, V]
+            uniforms = torch.rand(k, generator=self.gen, device=self.gen.device)
+            n, pending = rejection_sample(draft.tokens, draft.probs, target, uniforms, self.gen)
+        if self.drafter is not None:
+            self.drafter.observe(draft, n, step_cost if not self.deterministic_drafts else 0.0)
+        if k:
+            self.stats.observe_step(k, n)
+            self.alpha = 0.7 * self.alpha + 0.3 * (n / k)
+        else:
+            self.stats.steps += 1
+        self.stats.time_draft += draft_s
+        self.stats.time_verify += verify_s
+        self.history[self.pos + 1 : self.pos + 1 + n] = draft.tokens[:n]
+        self.pos += n + 1
+        self.cur = pending[-1]
+        if self.pos < self.limit:
+            self.history[self.pos] = self.cur
+        self._commit(pending)
+
+    def _pick(self, logits: torch.Tensor) -> int:  # logits [1, V]
+        if self.params.greedy:
             return int(logits[0].argmax())
-        return int(sample(probs_for(logits, params), gen)[0])
+        return int(sample(probs_for(logits, self.params), self.gen)[0])
 
-    with torch.inference_mode():
-        t0 = time.perf_counter()
-        cur = pick(model.forward(torch.tensor(prompt), 0, last_only=True))
-        stats.time_prefill += time.perf_counter() - t0
-        pos = len(prompt)  # position of `cur`; cache holds [0, pos)
-        produced = 0
-        pending = [cur]
-        while True:
-            # Commit `pending`, honouring EOS and the token budget.
-            out = []
-            for t in pending:
-                if t in eos_ids:
-                    stats.finish_reason = "stop"
-                    break
-                out.append(t)
-                produced += 1
-                if produced >= params.max_new_tokens:
-                    stats.finish_reason = "length"
-                    break
-            stats.new_tokens = produced
-            if out:
-                yield out
-            if stats.finish_reason:
-                return
-            if pos >= limit - 1:  # `cur` sits in the last slot: nothing more fits
-                stats.finish_reason = "length"
-                return
-            budget = min(params.max_new_tokens - produced, limit - 1 - pos)
-            t1 = time.perf_counter()
-            d = Draft(torch.empty(0, dtype=torch.long), None)
-            if drafter is not None and budget > 1:
-                history[pos] = cur
-                d = drafter.propose(cur, pos, min(draft.max_draft, budget - 1), history[: pos + 1])
-            t2 = time.perf_counter()
-            k = d.tokens.shape[0]
-            seq = torch.cat([torch.tensor([cur]), d.tokens])  # [k+1]
-            logits = model.forward(seq, pos)  # [k+1, V]
-            if params.greedy:
-                n, pending = greedy_verify(d.tokens, logits)
-            else:
-                target = probs_for(logits, params)  # [k+1, V]
-                uniforms = torch.rand(k, generator=gen)
-                n, pending = rejection_sample(d.tokens, d.probs, target, uniforms, gen)
-            t3 = time.perf_counter()
-            if drafter is not None:
-                drafter.observe(d, n)
-                stats.observe_step(k, n)
-            else:
-                stats.steps += 1
-            stats.time_draft += t2 - t1
-            stats.time_verify += t3 - t2
-            history[pos + 1 : pos + 1 + n] = d.tokens[:n]
-            pos += n + 1
-            cur = pending[-1]
+    # ---- output --------------------------------------------------------------------------------------
+
+    def _commit(self, pending: list[int]) -> None:
+        """Commit `pending`, honouring EOS, the token budget, stop strings and the context end."""
+        out: list[int] = []
+        reason = None
+        for t in pending:
+            if t in self.eos_ids:
+                reason = "stop"
+                break
+            out.append(t)
+            self.produced += 1
+            if self.produced >= self.params.max_new_tokens:
+                reason = "length"
+                break
+        self.stats.new_tokens = self.produced
+        delta = ""
+        if self.text is not None:
+            delta = self.text.push(out)
+            if self.text.stopped:
+                reason = "stop"
+        if reason is None and self.pos >= self.limit - 1:  # `cur` sits in the last slot: nothing more fits
+            reason = "length"
+        if reason is not None:
+            self.finish(reason, out, delta)
+        elif out or delta:
+            self._emit(StepOutput(out, delta, None, self.stats))
+
+    def finish(self, reason: str, tokens: list[int] | None = None, delta: str = "") -> None:
+        if self.finished:
+            return
+        self.finish_reason = reason
+        self.stats.finish_reason = reason
+        if self.drafter is not None:
+            self.stats.paused_steps = self.drafter.paused_steps
+        if self.text is not None and reason != "cancelled":
+            delta += self.text.flush()
+        self._emit(StepOutput(tokens or [], delta, reason, self.stats))
+
+    def _emit(self, out: StepOutput) -> None:
+        if self.emit is not None:
+            self.emit(out)
+        else:
+            self.outbox.append(out)
+
+    def next_draft(self, limit: int) -> Draft:
+        """The draft this step uses when the scheduler drafts for it without the model."""
+        d = self.lookup_draft(limit)
+        return d if d is not None else NO_DRAFT

@@ -1,34 +1,34 @@
 """The engine's public face: load a model, turn prompts into ids, stream text with decode stats.
 
-`Engine.stream` wraps the token-level loop of `engine.decode` with incremental detokenisation and stop
-strings (text is held back while it could still be the start of a stop string). One Engine decodes one
-request at a time (it owns one KV cache); a serving replica holds one Engine per process.
+`Engine.stream` runs one request to the end on a private `Scheduler` (the same step code that batches
+many requests in a serving replica, so a request decodes the same way alone and in company);
+`Engine.sequence` makes a `Sequence` for a shared scheduler. The engine keeps only its own weights
+(read from safetensors); the transformers model is loaded on demand for baselines (`hf_model`).
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
 
-from engine.config import DecodeStats, DraftConfig, SamplingParams
-from engine.decode import decode
+from engine.config import DecodeStats, DraftConfig, RuntimeSettings, SamplingParams
+from engine.costs import PassCosts
+from engine.decode import Sequence, StepOutput
+from engine.detok import TextStream
 from engine.draft import draft_pass_args
 from engine.lean import LeanModel
-from engine.load import LoadedModel, load_model
+from engine.load import load_hf_model, resolve_model_dir, weights_hash
+from engine.schedule import Scheduler
 
 DEFAULT_MAX_SEQ_LEN = 8192
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
-
-@dataclass
-class StepOutput:
-    token_ids: list[int]
-    text: str  # new text since the previous StepOutput
-    finish_reason: str | None  # None until the last chunk: "stop" or "length"
-    stats: DecodeStats
+__all__ = ["DEFAULT_MAX_SEQ_LEN", "Engine", "GenerationResult", "StepOutput", "resolve_device"]
 
 
 @dataclass
@@ -39,26 +39,74 @@ class GenerationResult:
     stats: DecodeStats = field(default_factory=DecodeStats)
 
 
+def resolve_device(device: str = "auto", dtype: str = "auto") -> tuple[torch.device, torch.dtype]:
+    """'auto' picks CUDA with bf16 when a GPU is visible, else the CPU in fp32."""
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    dev = torch.device(device)
+    if dtype == "auto":
+        dtype = "bfloat16" if dev.type == "cuda" else "float32"
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(DTYPES)} or 'auto', not {dtype!r}")
+    return dev, DTYPES[dtype]
+
+
 class Engine:
-    def __init__(self, loaded: LoadedModel, max_seq_len: int = DEFAULT_MAX_SEQ_LEN):
-        self.hf_model = loaded.model
-        self.tokenizer = loaded.tokenizer
-        self.model_id = loaded.model_id
-        self.weights_hash = loaded.weights_hash
-        self.lean = LeanModel(loaded.model, max_seq_len=max_seq_len)
-        self.num_layers = self.lean.n_layers
-        self.context_length = self.lean.max_len
+    def __init__(self, lean: LeanModel, tokenizer, model_id: str, weights_hash: str, path: Path | None = None, config=None):
+        self.lean = lean
+        self.tokenizer = tokenizer
+        self.model_id = model_id
+        self.weights_hash = weights_hash
+        self.path = path
+        self.config = config
+        self.num_layers = lean.n_layers
+        self.context_length = lean.max_len
+        self.device = lean.device
+        self.dtype = lean.dtype
         self.eos_token_ids = self._eos_ids()
+        self.costs = PassCosts()  # measured pass costs, shared by every scheduler of this engine
+        self._hf = None
 
     @classmethod
-    def load(cls, model: str = "smollm2", max_seq_len: int = DEFAULT_MAX_SEQ_LEN, threads: int | None = None) -> Engine:
+    def load(
+        cls,
+        model: str = "smollm2",
+        max_seq_len: int = DEFAULT_MAX_SEQ_LEN,
+        threads: int | None = None,
+        device: str = "cpu",
+        dtype: str = "auto",
+    ) -> Engine:
+        from transformers import AutoConfig, AutoTokenizer
+
         if threads:
             torch.set_num_threads(threads)
-        return cls(load_model(model), max_seq_len=max_seq_len)
+        path, model_id = resolve_model_dir(model)
+        dev, dt = resolve_device(device, dtype)
+        config = AutoConfig.from_pretrained(path)
+        lean = LeanModel.from_pretrained(path, max_seq_len=max_seq_len, device=dev, dtype=dt)
+        tok = AutoTokenizer.from_pretrained(path)
+        return cls(lean, tok, model_id, weights_hash(path), path, config)
+
+    @property
+    def hf_model(self) -> torch.nn.Module:
+        """The transformers model of the same weights, loaded on first use (baselines and tests only)."""
+        if self._hf is None:
+            if self.path is None:
+                raise RuntimeError("this engine was not loaded from a model directory")
+            self._hf = load_hf_model(self.path)
+        return self._hf
 
     def _eos_ids(self) -> frozenset[int]:
         ids: set[int] = set()
-        for src in (getattr(self.hf_model, "generation_config", None), self.hf_model.config):
+        sources = [self.config]
+        if self.path is not None:
+            try:
+                from transformers import GenerationConfig
+
+                sources.append(GenerationConfig.from_pretrained(self.path))
+            except OSError:  # no generation_config.json
+                pass
+        for src in sources:
             e = getattr(src, "eos_token_id", None) if src is not None else None
             if isinstance(e, int):
                 ids.add(e)
@@ -88,43 +136,38 @@ class Engine:
 
     # ---- decoding ---------------------------------------------------------------------------------
 
+    def sequence(
+        self,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        draft: DraftConfig | None = None,
+        emit: Callable[[StepOutput], None] | None = None,
+        rid: str | None = None,
+    ) -> Sequence:
+        """A request for a scheduler (raises PromptTooLongError / ValueError for unusable input)."""
+        return Sequence(self.lean, prompt_ids, params, draft, self.eos_token_ids, TextStream(self.tokenizer, params.stop), emit, rid)
+
+    def scheduler(self, settings: RuntimeSettings | None = None) -> Scheduler:
+        return Scheduler(self.lean, settings, self.costs)
+
     def stream(
         self, prompt_ids: list[int], params: SamplingParams, draft: DraftConfig | None = None
     ) -> Iterator[StepOutput]:
-        draft = draft or DraftConfig.plain()
-        stats = DecodeStats()
-        ids: list[int] = []
-        sent = 0  # characters of text already yielded
-        hold = max((len(s) for s in params.stop), default=1) - 1
+        """One request alone, output by output; the last has finish_reason set."""
         t0 = time.perf_counter()
-        gen = decode(self.lean, prompt_ids, params, draft, self.eos_token_ids, stats)
-        try:
-            for new in gen:
-                ids.extend(new)
-                text = self.tokenizer.decode(ids, skip_special_tokens=True)
-                cut = _find_stop(text, params.stop, sent)
-                if cut is not None:
-                    stats.finish_reason = "stop"
-                    self._close_stats(stats, t0)
-                    yield StepOutput(new, text[sent:cut], "stop", stats)
+        seq = self.sequence(prompt_ids, params, draft)
+        sched = Scheduler(self.lean, RuntimeSettings(max_running=1, max_waiting=1), self.costs)
+        sched.submit(seq)
+        while True:
+            if not seq.finished:
+                sched.step()
+            while seq.outbox:
+                out = seq.outbox.pop(0)
+                if out.finish_reason is not None:
+                    _close_stats(out.stats, t0)
+                yield out
+                if out.finish_reason is not None:
                     return
-                # Hold back a trailing partial UTF-8 char and anything that may begin a stop string.
-                safe = len(text) - hold if params.stop else len(text)
-                if text.endswith("\ufffd"):
-                    safe = min(safe, len(text) - 1)
-                delta = text[sent:max(safe, sent)]
-                sent += len(delta)
-                yield StepOutput(new, delta, None, stats)
-        finally:
-            gen.close()
-        self._close_stats(stats, t0)
-        text = self.tokenizer.decode(ids, skip_special_tokens=True)
-        yield StepOutput([], text[sent:], stats.finish_reason or "length", stats)
-
-    @staticmethod
-    def _close_stats(stats: DecodeStats, t0: float) -> None:
-        wall = time.perf_counter() - t0
-        stats.time_other = max(wall - stats.time_prefill - stats.time_draft - stats.time_verify, 0.0)
 
     def generate(
         self, prompt_ids: list[int], params: SamplingParams, draft: DraftConfig | None = None
@@ -149,23 +192,19 @@ class Engine:
         seq = torch.tensor(prompt_ids + continuation_ids[:-1])
         n_prompt = len(prompt_ids)
         args = draft_pass_args(self.lean, draft)
+        cache = self.lean.new_cache(len(seq))
         with torch.inference_mode():
-            logits = self.lean.forward(seq, 0, **args)
-        pred = logits[n_prompt - 1 :].argmax(dim=-1)  # [C]
+            logits = self.lean.forward(seq, 0, cache=cache, **args)
+        pred = logits[n_prompt - 1 :].argmax(dim=-1).cpu()  # [C]
         return float((pred == torch.tensor(continuation_ids)).float().mean())
 
     def embed_hidden(self, prompt_ids: list[int]) -> np.ndarray:
         """Mean-pooled final hidden state (after the final norm) of the full model: [hidden] float32."""
         with torch.inference_mode():
-            h = self.lean.hidden(torch.tensor(prompt_ids), 0)  # [M, hidden]
-        return h.mean(dim=0).float().numpy()
+            h = self.lean.hidden(torch.tensor(prompt_ids), 0, cache=self.lean.new_cache(len(prompt_ids)))
+        return h.mean(dim=0).float().cpu().numpy()
 
 
-def _find_stop(text: str, stops: tuple[str, ...], sent: int) -> int | None:
-    """Index where the earliest stop string starts (searching only text not yet sent, plus overlap)."""
-    best = None
-    for s in stops:
-        i = text.find(s, max(sent - len(s) + 1, 0))
-        if i != -1 and (best is None or i < best):
-            best = i
-    return best
+def _close_stats(stats: DecodeStats, t0: float) -> None:
+    wall = time.perf_counter() - t0
+    stats.time_other = max(wall - stats.time_prefill - stats.time_draft - stats.time_verify, 0.0)

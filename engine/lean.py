@@ -1,120 +1,142 @@
-"""A lean decoder forward for Llama, Qwen2 and Gemma 3, over weights taken from a transformers model.
+"""A lean decoder forward for Llama, Qwen2 and Gemma 3 over many sequences at once.
 
 Why: in transformers' own modules a SmolLM2 layer issues ~209 aten ops and a pass is dispatch-bound, so
-verifying several tokens is not free. Here each layer is a handful of ops: fused QKV and gate/up
-projections on weights prepacked once for oneDNN, RoPE as one complex multiply (q/k rows are permuted
-to interleaved pairs at load, which leaves q.k unchanged), SDPA over a preallocated position-indexed KV
-cache. `forward` can skip attention and/or MLP sub-layers, which is how the draft runs.
+verifying several tokens is not free. Here a layer is a handful of ops: fused QKV and gate/up
+projections (kernels per device from `engine.kernels`), RoPE as one complex multiply on the CPU (q/k
+rows are permuted to interleaved pairs at load, which leaves q.k unchanged), SDPA over per-sequence
+position-indexed KV caches.
 
-Contract: `LeanModel.forward(tokens, start, skip_attn, skip_mlp) -> logits [M, vocab]`, writing K/V for
-positions start..start+M-1 of every layer whose attention it runs. Positions beyond what the caller
-has committed are simply overwritten later: rejecting draft tokens costs nothing.
+Contract: `forward_batch(segments, plan) -> [logits per segment]`. A `Segment` is some consecutive
+tokens of one sequence at positions start..start+m-1 with that sequence's `SeqCache`; the projections of
+all segments' rows run as one matmul, attention runs per segment. The pass writes K/V for every row's
+position in every layer whose attention it runs; positions beyond what the caller committed are simply
+overwritten later, so rejecting draft tokens costs nothing. `plan` (a `DraftPlan`) makes the pass a
+draft: sub-layers skipped, low-bit weight copies, a vocabulary-subset head.
+
+Batch invariance (what makes batched greedy output equal solo greedy output): every op is row-wise
+except attention, and oneDNN's packed matmuls give bit-identical rows whatever M is (measured). SDPA's
+multi-row kernel does not (rows differ by ~1e-7 from the 1-row result), so "exact" segments (decode and
+verify rows) attend one row at a time; prefill chunks attend in one call, and their boundaries depend
+on the prompt only, never on what else runs.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-SUPPORTED = ("llama", "qwen2", "gemma3_text", "gemma3")
+from engine.kernels import PRECISIONS, Linear, make_linear
+from engine.kvcache import SeqCache
+from engine.weights import ARCHS, ArchSpec, WeightSource, rotary_module, text_config
 
-
-class PackedLinear:
-    """y = x @ W.T (+ b) on a weight prepacked once for oneDNN.
-
-    The packed path keeps small-M matmuls memory-bound (measured here: F.linear at M=4 costs ~2x M=1 per
-    model pass, packed ~1.3x), which is what makes verifying several tokens nearly free. oneDNN picks the
-    blocking from the batch-size hint: packed for M=1, an M=4 matmul costs 1.9x M=1; packed for M=8,
-    1.3x at the same M=1 cost (a 3072x576 weight, 2 threads). Decoding runs M=1 and verifies 2-8 tokens.
-    """
-
-    PACK_FOR_M = 8
-
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None):
-        self.out_features, self.in_features = weight.shape
-        self.weight = weight.contiguous()  # [out, in], kept for reference and non-packed fallbacks
-        self.bias = None if bias is None else bias.contiguous()
-        self.packed = torch.ops.mkldnn._reorder_linear_weight(self.weight, self.PACK_FOR_M)
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:  # x: [M, in] -> [M, out]
-        return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
-
-
-class Int8Linear:
-    """y = x @ W.T with W quantized per output row to int8 (symmetric), for the draft only.
-
-    `_weight_int8pack_mm` wants bf16 activations (fp32 ones are 5-6x slower here); int8 activations
-    lose accuracy on AVX2, so only the weights are quantized. Memory: 1 byte per weight beside the fp32 copy.
-    """
-
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None):
-        w = weight.float()
-        scales = (w.abs().amax(dim=1) / 127.0).clamp_min(1e-12)  # [out]
-        self.weight = torch.round(w / scales[:, None]).clamp(-127, 127).to(torch.int8).contiguous()
-        self.scales = scales.to(torch.bfloat16)
-        self.bias = bias
-
-    @property
-    def nbytes(self) -> int:
-        return self.weight.numel() + self.scales.numel() * 2
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:  # x: [M, in] fp32 -> [M, out] fp32
-        y = torch.ops.aten._weight_int8pack_mm(x.to(torch.bfloat16), self.weight, self.scales).float()
-        return y if self.bias is None else y + self.bias
+SUPPORTED = tuple(ARCHS)
 
 
 @dataclass
-class DraftHead:
-    """A draft-only LM head over a subset of the vocabulary (FR-Spec): rows of the most frequent tokens."""
+class Proj:
+    """One precision's projections of a decoder layer."""
 
-    ids: torch.Tensor  # [N] int64, vocabulary ids of the rows
-    linear: PackedLinear | Int8Linear  # [N, hidden]
+    qkv: Linear  # [(H + 2*Hkv) * D, hidden]
+    o: Linear  # [hidden, H * D]
+    gate_up: Linear  # [2 * inter, hidden]
+    down: Linear  # [hidden, inter]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(k.nbytes for k in (self.qkv, self.o, self.gate_up, self.down))
 
 
 @dataclass
 class LayerWeights:
     attn_norm: torch.Tensor  # [hidden]
     mlp_norm: torch.Tensor  # [hidden]
-    qkv: PackedLinear  # [(H + 2*Hkv) * D, hidden]
-    o: PackedLinear  # [hidden, H * D]
-    gate_up: PackedLinear  # [2 * inter, hidden]
-    down: PackedLinear  # [hidden, inter]
-    freqs: torch.Tensor  # [max_len, D/2] complex64 RoPE rotations for this layer
+    proj: dict[str, Proj]  # precision -> projections; "full" always, draft precisions on first use
+    rope: str  # layer type whose rotation table applies
     window: int | None  # sliding-window size (Gemma 3 local layers), None = global
-    # Gemma 3 only
     post_attn_norm: torch.Tensor | None = None
     post_mlp_norm: torch.Tensor | None = None
     q_norm: torch.Tensor | None = None  # [D]
     k_norm: torch.Tensor | None = None  # [D]
-    int8: dict[str, Int8Linear] | None = None  # draft copies of qkv, o, gate_up, down
+
+
+@dataclass
+class DraftHead:
+    """A draft-only LM head over the `ids` rows of the vocabulary (the most frequent tokens, FR-Spec)."""
+
+    ids: torch.Tensor  # [N] int64
+    linear: Linear  # [N, hidden]
+
+
+@dataclass(frozen=True, eq=False)
+class DraftPlan:
+    """One draft pass as a value, built once from a `DraftConfig` by `LeanModel.plan`: which sub-layers
+    it skips, which weights it runs on, which head. Drafts with equal `key` batch together."""
+
+    skip_attn: frozenset[int] = frozenset()
+    skip_mlp: frozenset[int] = frozenset()
+    precision: str = "full"
+    head: DraftHead | None = None
+    key: tuple = ()
+
+
+FULL = DraftPlan(key=("full",))
+
+
+@dataclass
+class Segment:
+    """Consecutive tokens of one sequence in a batched pass."""
+
+    cache: SeqCache
+    start: int  # position of the first token
+    tokens: torch.Tensor  # [m] int64 on the model's device
+    want: str = "all"  # rows returned: "all" | "last" logits, "hidden" states, or "none"
+    exact: bool = True  # attend one row at a time (batch-invariant); False: one causal call (prefill)
+    out: torch.Tensor | None = field(default=None, repr=False)
 
 
 def _interleave_perm(d: int) -> torch.Tensor:
-    # HF rotates (x_i, x_{i+d/2}) pairs; complex RoPE wants them adjacent.
+    # HF rotates (x_i, x_{i+d/2}) pairs; the complex multiply wants them adjacent.
     return torch.stack([torch.arange(d // 2), torch.arange(d // 2) + d // 2], dim=1).flatten()
 
 
 def _permute_heads(w: torch.Tensor, n_heads: int, d: int) -> torch.Tensor:
-    perm = _interleave_perm(d)
     shape = w.shape
-    return w.reshape(n_heads, d, -1)[:, perm].reshape(shape)
+    return w.reshape(n_heads, d, -1)[:, _interleave_perm(d)].reshape(shape)
 
 
 class LeanModel:
-    """Holds fused, packed weights and the KV cache; not thread-safe (one decode at a time)."""
+    """Fused weights and the forward; not thread-safe (one caller at a time, e.g. one decode thread)."""
 
-    def __init__(self, hf_model: torch.nn.Module, max_seq_len: int = 2048):
-        cfg = hf_model.config
-        cfg = getattr(cfg, "text_config", None) or cfg
+    def __init__(
+        self,
+        source: WeightSource | torch.nn.Module,
+        config=None,
+        *,
+        max_seq_len: int = 2048,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype = torch.float32,
+        rotary=None,
+        generic: bool = False,
+    ):
+        if isinstance(source, torch.nn.Module):  # a transformers model (tests, tiny random models)
+            config = source.config
+            base = source.model
+            rotary = getattr(base, "language_model", base).rotary_emb
+            source = WeightSource.from_module(source)
+        cfg = text_config(config)
         self.arch = cfg.model_type
-        if self.arch not in SUPPORTED:
+        if self.arch not in ARCHS:
             raise NotImplementedError(f"lean forward supports {SUPPORTED}, not {self.arch!r}")
-        self.gemma = self.arch.startswith("gemma3")
-        base = hf_model.model
-        base = getattr(base, "language_model", base)
+        spec: ArchSpec = ARCHS[self.arch]
+        self.spec = spec
+        self.device = torch.device(device)
+        self.dtype = dtype
+        self.generic = generic  # device-generic kernels even on the CPU (tests of the GPU code path)
+        self.source = source
         self.n_layers = cfg.num_hidden_layers
         self.dim = cfg.hidden_size
         self.n_heads = cfg.num_attention_heads
@@ -125,138 +147,313 @@ class LeanModel:
         self.context_length = int(getattr(cfg, "max_position_embeddings", max_seq_len))
         self.max_len = min(max_seq_len, self.context_length)
         self.scale = (
-            cfg.query_pre_attn_scalar**-0.5 if self.gemma else 1.0 / math.sqrt(self.head_dim)
+            cfg.query_pre_attn_scalar**-0.5 if spec.scale_from == "query_pre_attn_scalar" else 1.0 / math.sqrt(self.head_dim)
         )
-        self.act = (lambda x: F.gelu(x, approximate="tanh")) if self.gemma else F.silu
+        self.act = (lambda x: F.gelu(x, approximate="tanh")) if spec.act == "gelu_tanh" else F.silu
+        # RoPE as one complex multiply where complex tensors are fast (CPU fp32), cos/sin elsewhere.
+        self.complex_rope = self.device.type == "cpu" and dtype == torch.float32 and not generic
+        self._prefix = source.prefix()
+        self._lm_head_name = "lm_head.weight" if source.has("lm_head.weight") else self._prefix + "embed_tokens.weight"
         d = self.head_dim
-
         with torch.no_grad():
-            self.embed = base.embed_tokens.weight.detach().float().contiguous()  # [vocab, hidden]
+            self.embed = source.get(self._prefix + "embed_tokens.weight").to(self.device, dtype).contiguous()
             # Gemma scales embeddings by sqrt(hidden), rounded to the weights' dtype as transformers does.
-            self.embed_scale = float(torch.tensor(self.dim**0.5, dtype=torch.float32)) if self.gemma else 1.0
-            self.final_norm = self._norm_weight(base.norm.weight)
-            lm_head = hf_model.get_output_embeddings().weight.detach().float()
-            self.lm_head = PackedLinear(lm_head)
-            freqs_by_type = self._rope_tables(base, cfg)
+            self.embed_scale = float(torch.tensor(self.dim**0.5, dtype=dtype)) if spec.embed_scaled else 1.0
+            self.final_norm = self._norm(self._prefix + "norm.weight")
+            self.lm_head = make_linear(source.get(self._lm_head_name), None, "full", self.device, dtype, generic)
+            self.rope = self._rope_tables(rotary if rotary is not None else rotary_module(config), cfg)
             layer_types = getattr(cfg, "layer_types", None) or ["full_attention"] * self.n_layers
             window = getattr(cfg, "sliding_window", None)
             self.layers: list[LayerWeights] = []
-            for i, layer in enumerate(base.layers):
-                a, m = layer.self_attn, layer.mlp
-                q_w = _permute_heads(a.q_proj.weight.detach().float(), self.n_heads, d)
-                k_w = _permute_heads(a.k_proj.weight.detach().float(), self.n_kv, d)
-                v_w = a.v_proj.weight.detach().float()
-                bias = None
-                if a.q_proj.bias is not None:
-                    bias = torch.cat([
-                        _permute_heads(a.q_proj.bias.detach().float(), self.n_heads, d),
-                        _permute_heads(a.k_proj.bias.detach().float(), self.n_kv, d),
-                        a.v_proj.bias.detach().float(),
-                    ])
+            for i in range(self.n_layers):
                 ltype = layer_types[i]
+                p = self._layer_prefix(i)
                 lw = LayerWeights(
-                    attn_norm=self._norm_weight(layer.input_layernorm.weight),
-                    mlp_norm=self._norm_weight(
-                        layer.pre_feedforward_layernorm.weight if self.gemma else layer.post_attention_layernorm.weight
-                    ),
-                    qkv=PackedLinear(torch.cat([q_w, k_w, v_w]), bias),
-                    o=PackedLinear(a.o_proj.weight.detach().float()),
-                    gate_up=PackedLinear(torch.cat([m.gate_proj.weight.detach().float(), m.up_proj.weight.detach().float()])),
-                    down=PackedLinear(m.down_proj.weight.detach().float()),
-                    freqs=freqs_by_type.get(ltype, freqs_by_type["full_attention"]),
+                    attn_norm=self._norm(p + spec.attn_norm + ".weight"),
+                    mlp_norm=self._norm(p + spec.mlp_norm + ".weight"),
+                    proj={"full": self._build_proj(i, "full")},
+                    rope=ltype if ltype in self.rope else "full_attention",
                     window=window if ltype == "sliding_attention" else None,
                 )
-                if self.gemma:
-                    perm = _interleave_perm(d)
-                    lw.post_attn_norm = self._norm_weight(layer.post_attention_layernorm.weight)
-                    lw.post_mlp_norm = self._norm_weight(layer.post_feedforward_layernorm.weight)
-                    lw.q_norm = self._norm_weight(a.q_norm.weight)[perm].contiguous()
-                    lw.k_norm = self._norm_weight(a.k_norm.weight)[perm].contiguous()
+                if spec.post_attn_norm:
+                    lw.post_attn_norm = self._norm(p + spec.post_attn_norm + ".weight")
+                    lw.post_mlp_norm = self._norm(p + spec.post_mlp_norm + ".weight")
+                if spec.qk_norm:
+                    perm = _interleave_perm(d).to(self.device)
+                    lw.q_norm = self._norm(p + "self_attn.q_norm.weight")[perm].contiguous()
+                    lw.k_norm = self._norm(p + "self_attn.k_norm.weight")[perm].contiguous()
                 self.layers.append(lw)
-        self._heads: dict[tuple[int, bool], DraftHead] = {}
-        # [layers, 2 (k, v), Hkv, max_len, D]: position-indexed, never cloned or shifted.
-        self.kv = torch.zeros(self.n_layers, 2, self.n_kv, self.max_len, d)
+        self._heads: dict[tuple[int, str], DraftHead] = {}
+        self._plans: dict[tuple, DraftPlan] = {}
+        self._scratch: SeqCache | None = None
 
-    # ---- draft-only weights, built on first use and kept beside the full ones ----------------------
+    @classmethod
+    def from_pretrained(cls, model_dir: str | Path, **kw) -> LeanModel:
+        """From a Hugging Face model directory, reading safetensors lazily (no transformers model)."""
+        from transformers import AutoConfig
 
-    @property
-    def int8_ready(self) -> bool:
-        return all(lw.int8 is not None for lw in self.layers)
+        config = AutoConfig.from_pretrained(model_dir)
+        return cls(WeightSource.from_dir(Path(model_dir)), config, **kw)
+
+    # ---- weights --------------------------------------------------------------------------------
+
+    def _layer_prefix(self, i: int) -> str:
+        return f"{self._prefix}layers.{i}."
+
+    def _norm(self, name: str) -> torch.Tensor:
+        w = self.source.get(name)
+        # Gemma's RMSNorm multiplies by (1 + w): fold the 1 in once.
+        return (w + 1.0 if self.spec.norm_plus_one else w).to(self.device, self.dtype).contiguous()
+
+    def _fused(self, i: int) -> dict[str, tuple[torch.Tensor, torch.Tensor | None]]:
+        """fp32 fused weights of layer i (QKV with q/k rows permuted for the complex RoPE, gate+up)."""
+        g, p, d = self.source.get, self._layer_prefix(i) + "self_attn.", self.head_dim
+        has_bias = self.source.has(p + "q_proj.bias")
+        bias = None
+        if has_bias:
+            bias = torch.cat([
+                _permute_heads(g(p + "q_proj.bias"), self.n_heads, d),
+                _permute_heads(g(p + "k_proj.bias"), self.n_kv, d),
+                g(p + "v_proj.bias"),
+            ])
+        qkv = torch.cat([
+            _permute_heads(g(p + "q_proj.weight"), self.n_heads, d),
+            _permute_heads(g(p + "k_proj.weight"), self.n_kv, d),
+            g(p + "v_proj.weight"),
+        ])
+        m = self._layer_prefix(i) + "mlp."
+        return {
+            "qkv": (qkv, bias),
+            "o": (g(p + "o_proj.weight"), None),
+            "gate_up": (torch.cat([g(m + "gate_proj.weight"), g(m + "up_proj.weight")]), None),
+            "down": (g(m + "down_proj.weight"), None),
+        }
+
+    def _build_proj(self, i: int, precision: str) -> Proj:
+        fused = self._fused(i)
+        return Proj(**{name: make_linear(w, b, precision, self.device, self.dtype, self.generic) for name, (w, b) in fused.items()})
+
+    def prepare(self, precision: str) -> int:
+        """Build every layer's `precision` draft copies (once); returns the bytes they take."""
+        if precision not in PRECISIONS:
+            raise ValueError(f"unknown precision {precision!r}")
+        with torch.no_grad():
+            for i, lw in enumerate(self.layers):
+                if precision not in lw.proj:
+                    lw.proj[precision] = self._build_proj(i, precision)
+        return sum(lw.proj[precision].nbytes for lw in self.layers)
 
     def prepare_int8(self) -> int:
-        """Build int8 copies of every layer's projections; returns the bytes they add."""
-        for lw in self.layers:
-            if lw.int8 is None:
-                lw.int8 = {
-                    name: Int8Linear(getattr(lw, name).weight, getattr(lw, name).bias)
-                    for name in ("qkv", "o", "gate_up", "down")
-                }
-        return sum(q.nbytes for lw in self.layers for q in lw.int8.values())
+        return self.prepare("int8")
 
-    def draft_head(self, rows: int, int8: bool) -> DraftHead | None:
-        """The draft head over the `rows` most frequent tokens, cached per (rows, int8). Frequency rank is
-        the token id order: byte-level BPE vocabularies number tokens in merge order, which follows
-        corpus frequency closely enough for a draft (FR-Spec ranks by counted frequency)."""
-        if rows <= 0 and not int8:
-            return None
+    def quantization_error(self, precision: str) -> float:
+        """Mean relative weight error of a draft precision's projections (0 for 'full')."""
+        self.prepare(precision)
+        errs = [getattr(k, "error", 0.0) for lw in self.layers for k in vars(lw.proj[precision]).values()]
+        return float(sum(errs) / len(errs))
+
+    def draft_head(self, rows: int, precision: str | bool = "full") -> DraftHead | None:
+        """The draft head over the `rows` most frequent tokens (0 = all), cached. Frequency rank is the
+        token id order: byte-level BPE vocabularies number tokens in merge order, which follows corpus
+        frequency closely enough for a draft (FR-Spec ranks by counted frequency)."""
+        if isinstance(precision, bool):  # the earlier int8 flag
+            precision = "int8" if precision else "full"
         rows = self.vocab if rows <= 0 else min(rows, self.vocab)
-        key = (rows, int8)
+        if rows == self.vocab and precision == "full":
+            return None
+        key = (rows, precision)
         if key not in self._heads:
-            ids = torch.arange(rows)
-            w = self.lm_head.weight[:rows]
-            self._heads[key] = DraftHead(ids, Int8Linear(w) if int8 else PackedLinear(w))
+            w = self.source.get(self._lm_head_name)[:rows]
+            with torch.no_grad():
+                lin = make_linear(w, None, precision, self.device, self.dtype, self.generic)
+            self._heads[key] = DraftHead(torch.arange(rows, device=self.device), lin)
         return self._heads[key]
 
+    def plan(self, skip_attn=(), skip_mlp=(), precision: str = "full", head_rows: int = 0) -> DraftPlan:
+        """The draft pass for these knobs (weights built on first use), cached by its key."""
+        key = (tuple(sorted(skip_attn)), tuple(sorted(skip_mlp)), precision, head_rows)
+        if key not in self._plans:
+            bad = [i for i in (*skip_attn, *skip_mlp) if not 0 <= i < self.n_layers]
+            if bad:
+                raise ValueError(f"draft skips layers {bad} but the model has {self.n_layers} layers")
+            if precision != "full":
+                self.prepare(precision)
+            self._plans[key] = DraftPlan(
+                frozenset(skip_attn), frozenset(skip_mlp), precision, self.draft_head(head_rows, precision), key
+            )
+        return self._plans[key]
+
     def draft_bytes(self) -> int:
-        """Memory the draft-only weights add beside the full model (int8 copies and subset heads)."""
-        layers = sum(q.nbytes for lw in self.layers if lw.int8 for q in lw.int8.values())
-        heads = sum(
-            h.linear.nbytes if isinstance(h.linear, Int8Linear) else h.linear.weight.numel() * 4
-            for h in self._heads.values()
-        )
-        return layers + heads
+        """Memory the draft-only weights add beside the full model (low-bit copies and subset heads)."""
+        layers = sum(p.nbytes for lw in self.layers for prec, p in lw.proj.items() if prec != "full")
+        return layers + sum(h.linear.nbytes for h in self._heads.values())
 
-    def _norm_weight(self, w: torch.Tensor) -> torch.Tensor:
-        # Gemma's RMSNorm multiplies by (1 + w): fold the 1 in once.
-        w = w.detach().float()
-        return (w + 1.0 if self.gemma else w).contiguous()
-
-    def _rope_tables(self, base: torch.nn.Module, cfg) -> dict[str, torch.Tensor]:
-        """Complex RoPE rotations per layer type, taken from transformers' own rotary module so every
-        scaling variant (default, linear, llama3, yarn...) matches it exactly."""
+    def _rope_tables(self, rotary, cfg) -> dict[str, torch.Tensor | tuple[torch.Tensor, torch.Tensor]]:
+        """RoPE rotations per layer type from transformers' own rotary module: complex [max_len, D/2] on
+        the CPU in fp32, else (cos, sin) [max_len, D/2] in the model's dtype."""
         pos = torch.arange(self.max_len).unsqueeze(0)
         probe = torch.zeros(1, 1, self.head_dim)
-        tables: dict[str, torch.Tensor] = {}
-        rotary = base.rotary_emb
-        layer_types = sorted(set(getattr(cfg, "layer_types", None) or ["full_attention"]))
-        for ltype in layer_types:
+        half = self.head_dim // 2
+        tables: dict = {}
+        for ltype in sorted(set(getattr(cfg, "layer_types", None) or ["full_attention"])):
             try:
                 cos, sin = rotary(probe, pos, layer_type=ltype)
             except TypeError:
-                local = getattr(base, "rotary_emb_local", None)
-                cos, sin = (local if (ltype == "sliding_attention" and local is not None) else rotary)(probe, pos)
-            half = self.head_dim // 2
-            tables[ltype] = torch.complex(cos[0, :, :half].float(), sin[0, :, :half].float()).contiguous()
+                cos, sin = rotary(probe, pos)
+            cos, sin = cos[0, :, :half].float(), sin[0, :, :half].float()
+            if self.complex_rope:
+                tables[ltype] = torch.complex(cos, sin).contiguous()
+            else:
+                tables[ltype] = (cos.to(self.device, self.dtype).contiguous(), sin.to(self.device, self.dtype).contiguous())
         tables.setdefault("full_attention", next(iter(tables.values())))
         return tables
+
+    # ---- caches ---------------------------------------------------------------------------------
+
+    def new_cache(self, capacity: int = 0) -> SeqCache:
+        return SeqCache(self.n_layers, self.n_kv, self.head_dim, self.max_len, self.device, self.dtype, capacity)
+
+    def cache_bytes_per_token(self) -> int:
+        return self.n_layers * 2 * self.n_kv * self.head_dim * torch.finfo(self.dtype).bits // 8
 
     # ---- hot path -------------------------------------------------------------------------------
 
     def _rms(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:  # x: [..., n], w: [n]
         return F.rms_norm(x, (x.shape[-1],), w, self.eps)
 
+    def _rotate(self, qk: torch.Tensor, rows) -> None:
+        """In place: qk [N, heads, D] rotated by rows ([N, D/2] complex, or (cos, sin) [N, D/2])."""
+        n, h, d = qk.shape
+        if self.complex_rope:
+            torch.view_as_complex(qk.view(n, h, d // 2, 2)).mul_(rows.unsqueeze(1))
+            return
+        cos, sin = rows[0].unsqueeze(1), rows[1].unsqueeze(1)  # [N, 1, D/2]
+        pairs = qk.view(n, h, d // 2, 2)
+        a, b = pairs[..., 0], pairs[..., 1]
+        ra, rb = a * cos - b * sin, a * sin + b * cos
+        a.copy_(ra)
+        b.copy_(rb)
+
+    def forward_batch(self, segments: list[Segment], plan: DraftPlan | None = None) -> list[torch.Tensor | None]:
+        """One pass over every segment's rows; returns per segment its logits rows (or hidden states)."""
+        plan = plan or FULL
+        dev = self.device
+        if len(segments) == 1:
+            s = segments[0]
+            tokens = s.tokens
+            positions = torch.arange(s.start, s.start + s.tokens.shape[0], device=dev)
+        else:
+            tokens = torch.cat([s.tokens for s in segments])
+            positions = torch.cat([torch.arange(s.start, s.start + s.tokens.shape[0], device=dev) for s in segments])
+        for s in segments:
+            s.cache.ensure(s.start + s.tokens.shape[0])
+        x = F.embedding(tokens, self.embed)  # [N, hidden]
+        if self.embed_scale != 1.0:
+            x = x * self.embed_scale
+        rows: dict[str, object] = {}
+        masks: dict[tuple[int, int | None], torch.Tensor | None] = {}
+        for i, lw in enumerate(self.layers):
+            proj = lw.proj[plan.precision]
+            if i not in plan.skip_attn:
+                if lw.rope not in rows:
+                    t = self.rope[lw.rope]
+                    rows[lw.rope] = t[positions] if isinstance(t, torch.Tensor) else (t[0][positions], t[1][positions])
+                x.add_(self._attention(x, lw, proj, i, segments, rows[lw.rope], masks))
+            if i not in plan.skip_mlp:
+                y = proj.gate_up(self._rms(x, lw.mlp_norm))  # [N, 2*inter]
+                g, u = y.chunk(2, dim=-1)
+                y = proj.down(self.act(g).mul_(u))  # [N, hidden]
+                if lw.post_mlp_norm is not None:
+                    y = self._rms(y, lw.post_mlp_norm)
+                x.add_(y)
+        x = self._rms(x, self.final_norm)
+        return self._outputs(x, segments, plan.head)
+
+    def _outputs(self, x: torch.Tensor, segments: list[Segment], head: DraftHead | None) -> list[torch.Tensor | None]:
+        picks, spans, r = [], [], 0
+        for s in segments:
+            m = s.tokens.shape[0]
+            if s.want in ("all", "hidden"):
+                spans.append((len(picks), m))
+                picks.extend(range(r, r + m))
+            elif s.want == "last":
+                spans.append((len(picks), 1))
+                picks.append(r + m - 1)
+            else:
+                spans.append(None)
+            r += m
+        if not picks:
+            return [None] * len(segments)
+        h = x if len(picks) == x.shape[0] else x[torch.tensor(picks, device=x.device)]
+        hidden_only = all(s.want in ("hidden", "none") for s in segments)
+        if hidden_only:
+            out = h
+        elif head is None:
+            out = self.lm_head(h)  # [P, vocab]
+        else:
+            out = torch.full((h.shape[0], self.vocab), float("-inf"), device=h.device, dtype=h.dtype)
+            out[:, head.ids] = head.linear(h).to(h.dtype)
+        return [None if sp is None else out[sp[0] : sp[0] + sp[1]] for sp in spans]
+
     def _mask(self, start: int, m: int, window: int | None) -> torch.Tensor | None:
-        """Additive [M, start+M] mask (0 = attend, -inf = not), or None when plain causal-over-cache
-        suffices. Additive, built once per pass: SDPA would convert a boolean one in every layer."""
+        """Additive [m, start+m] causal (and window) mask for a prefill chunk; None when m == 1."""
         end = start + m
         if m == 1 and (window is None or end <= window):
             return None
-        q_pos = torch.arange(start, end).unsqueeze(1)
-        k_pos = torch.arange(end).unsqueeze(0)
-        mask = k_pos <= q_pos
+        q_pos = torch.arange(start, end, device=self.device).unsqueeze(1)
+        k_pos = torch.arange(end, device=self.device).unsqueeze(0)
+        keep = k_pos <= q_pos
         if window is not None:
-            mask &= k_pos > q_pos - window
-        return torch.zeros(mask.shape).masked_fill_(~mask, float("-inf"))
+            keep &= k_pos > q_pos - window
+        return torch.zeros(keep.shape, device=self.device, dtype=self.dtype).masked_fill_(~keep, float("-inf"))
+
+    def _attention(self, x, lw: LayerWeights, proj: Proj, i: int, segments, rope_rows, masks) -> torch.Tensor:
+        n = x.shape[0]
+        h_, hk, d = self.n_heads, self.n_kv, self.head_dim
+        qkv = proj.qkv(self._rms(x, lw.attn_norm))  # [N, (H + 2Hkv) * D], fresh: edited in place below
+        qk = qkv[:, : (h_ + hk) * d].view(n, h_ + hk, d)
+        if lw.q_norm is not None:
+            qk[:, :h_] = self._rms(qk[:, :h_], lw.q_norm)
+            qk[:, h_:] = self._rms(qk[:, h_:], lw.k_norm)
+        self._rotate(qk, rope_rows)
+        kv = qkv[:, h_ * d :].view(n, 2, hk, d)
+        gqa = hk != h_
+        outs: list[torch.Tensor] = []
+        r = 0
+        for si, s in enumerate(segments):
+            m = s.tokens.shape[0]
+            start, end = s.start, s.start + m
+            cache = s.cache.kv[i]  # [2, Hkv, cap, D]
+            cache[:, :, start:end] = kv[r : r + m].permute(1, 2, 0, 3)
+            if s.exact or m == 1:
+                for j in range(m):
+                    p = start + j
+                    lo = 0 if lw.window is None else max(0, p + 1 - lw.window)
+                    q = qk[r + j, :h_].unsqueeze(0).unsqueeze(2)  # [1, H, 1, D]
+                    o = F.scaled_dot_product_attention(
+                        q, cache[0, :, lo : p + 1].unsqueeze(0), cache[1, :, lo : p + 1].unsqueeze(0),
+                        scale=self.scale, enable_gqa=gqa,
+                    )
+                    outs.append(o.view(1, h_ * d))
+            else:
+                key = (si, lw.window)
+                if key not in masks:
+                    masks[key] = self._mask(start, m, lw.window)
+                q = qk[r : r + m, :h_].transpose(0, 1).unsqueeze(0)  # [1, H, m, D]
+                o = F.scaled_dot_product_attention(
+                    q, cache[0, :, :end].unsqueeze(0), cache[1, :, :end].unsqueeze(0),
+                    attn_mask=masks[key], scale=self.scale, enable_gqa=gqa,
+                )
+                outs.append(o[0].transpose(0, 1).reshape(m, h_ * d))
+            r += m
+        y = proj.o(outs[0] if len(outs) == 1 else torch.cat(outs))  # [N, hidden]
+        if lw.post_attn_norm is not None:
+            y = self._rms(y, lw.post_attn_norm)
+        return y
+
+    # ---- one sequence (benchmarks, analysis, tests) ---------------------------------------------
+
+    EXACT_ROWS = 33  # single-sequence calls up to this many tokens attend row by row, like verify
 
     def forward(
         self,
@@ -265,69 +462,30 @@ class LeanModel:
         skip_attn: frozenset[int] = frozenset(),
         skip_mlp: frozenset[int] = frozenset(),
         last_only: bool = False,
+        *,
+        plan: DraftPlan | None = None,
+        cache: SeqCache | None = None,
         int8: bool = False,
         head: DraftHead | None = None,
     ) -> torch.Tensor:  # [M, vocab] (or [1, vocab] with last_only)
-        """Full-vocabulary logits. `int8` and `head` are draft-only: int8 weight copies (see
-        `prepare_int8`) and a vocabulary-subset head, whose logits are -inf outside its rows."""
-        x = self.hidden(tokens, start, skip_attn, skip_mlp, int8)
-        if last_only:
-            x = x[-1:]
-        if head is None:
-            return self.lm_head(x)
-        sub = head.linear(x)  # [M, N]
-        out = torch.full((x.shape[0], self.vocab), float("-inf"))
-        out[:, head.ids] = sub
-        return out
+        """One sequence's pass on `cache` (default: a scratch cache of this model). Full-vocabulary
+        logits; a subset head's are -inf outside its rows."""
+        if plan is None and (skip_attn or skip_mlp or int8 or head is not None):
+            base = self.plan(skip_attn, skip_mlp, "int8" if int8 else "full")
+            plan = DraftPlan(base.skip_attn, base.skip_mlp, base.precision, head, base.key + ("head", id(head)))
+        if cache is None:
+            if self._scratch is None:
+                self._scratch = self.new_cache()
+            cache = self._scratch
+        tokens = tokens.to(self.device)
+        seg = Segment(cache, start, tokens, "last" if last_only else "all", exact=tokens.shape[0] <= self.EXACT_ROWS)
+        return self.forward_batch([seg], plan)[0]
 
-    def hidden(
-        self,
-        tokens: torch.Tensor,  # [M] int64
-        start: int,
-        skip_attn: frozenset[int] = frozenset(),
-        skip_mlp: frozenset[int] = frozenset(),
-        int8: bool = False,
-    ) -> torch.Tensor:  # [M, hidden], after the final norm
-        m = tokens.shape[0]
-        assert not int8 or self.int8_ready, "call prepare_int8() first"
-        assert tokens.dim() == 1 and 0 <= start and start + m <= self.max_len, (tokens.shape, start, self.max_len)
-        x = F.embedding(tokens, self.embed)  # [M, hidden]
-        if self.gemma:
-            x = x * self.embed_scale
-        masks: dict[int | None, torch.Tensor | None] = {}
-        for i, lw in enumerate(self.layers):
-            if i not in skip_attn:
-                if lw.window not in masks:
-                    masks[lw.window] = self._mask(start, m, lw.window)
-                x.add_(self._attention(x, lw, i, start, start + m, masks[lw.window], int8))
-            if i not in skip_mlp:
-                gate_up, down = (lw.int8["gate_up"], lw.int8["down"]) if int8 else (lw.gate_up, lw.down)
-                y = gate_up(self._rms(x, lw.mlp_norm))  # [M, 2*inter]
-                g, u = y.chunk(2, dim=-1)
-                y = down(self.act(g).mul_(u))  # [M, hidden]
-                if lw.post_mlp_norm is not None:
-                    y = self._rms(y, lw.post_mlp_norm)
-                x.add_(y)
-        return self._rms(x, self.final_norm)
-
-    def _attention(self, x, lw: LayerWeights, i: int, start: int, end: int, mask, int8: bool) -> torch.Tensor:
-        m = x.shape[0]
-        h_, hk, d = self.n_heads, self.n_kv, self.head_dim
-        qkv_lin, o_lin = (lw.int8["qkv"], lw.int8["o"]) if int8 else (lw.qkv, lw.o)
-        qkv = qkv_lin(self._rms(x, lw.attn_norm))  # [M, (H + 2Hkv) * D], fresh: edited in place below
-        qk = qkv[:, : (h_ + hk) * d].view(m, h_ + hk, d)
-        if lw.q_norm is not None:
-            qk[:, :h_] = self._rms(qk[:, :h_], lw.q_norm)
-            qk[:, h_:] = self._rms(qk[:, h_:], lw.k_norm)
-        # Every op here costs dispatch time comparable to its arithmetic, so RoPE rotates q and k in place
-        # and K and V go to the cache in one copy.
-        torch.view_as_complex(qk.view(m, h_ + hk, d // 2, 2)).mul_(lw.freqs[start:end].unsqueeze(1))
-        self.kv[i, :, :, start:end] = qkv[:, h_ * d :].view(m, 2, hk, d).permute(1, 2, 0, 3)
-        q = qk[:, :h_].transpose(0, 1).unsqueeze(0)  # [1, H, M, D]
-        k = self.kv[i, 0, :, :end].unsqueeze(0)  # [1, Hkv, end, D]
-        v = self.kv[i, 1, :, :end].unsqueeze(0)
-        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale, enable_gqa=hk != h_)
-        y = o_lin(o[0].transpose(0, 1).reshape(m, h_ * d))  # [M, hidden]
-        if lw.post_attn_norm is not None:
-            y = self._rms(y, lw.post_attn_norm)
-        return y
+    def hidden(self, tokens: torch.Tensor, start: int = 0, cache: SeqCache | None = None) -> torch.Tensor:
+        """[M, hidden] after the final norm, full model."""
+        if cache is None:
+            if self._scratch is None:
+                self._scratch = self.new_cache()
+            cache = self._scratch
+        seg = Segment(cache, start, tokens.to(self.device), "hidden", exact=False)
+        return self.forward_batch([seg])[0]

@@ -1,7 +1,9 @@
 """Find a model's weights, convert a GGUF once to safetensors in the cache, and load it with transformers.
 
-Contract: `load_model(name)` returns `LoadedModel` (an HF causal LM in fp32 eval mode, its tokenizer and a
-stable weights hash). Names are the bundled models (`smollm2`, `gemma3-270m`, `qwen2.5-coder-0.5b`) or a
+Contract: `resolve_model_dir(name)` gives a local Hugging Face model directory (the engine reads its
+safetensors itself, see `engine.lean.LeanModel.from_pretrained`); `load_model(name)` returns `LoadedModel`
+(a transformers causal LM in fp32 eval mode, its tokenizer and a stable weights hash), which only the
+baselines and reference tests need. Names are the bundled models (`smollm2`, `gemma3-270m`, `qwen2.5-coder-0.5b`) or a
 local Hugging Face model directory. Loading a GGUF in transformers costs ~25 s, the safetensors copy
 0.2 s, so the copy is cached under `$KNNSSD_CACHE` (default `~/.cache/knnssd`).
 """
@@ -172,11 +174,19 @@ def weights_hash(model_dir: Path) -> str:
     return digest
 
 
+def load_hf_model(path: Path) -> torch.nn.Module:
+    """The transformers model of a model directory (fp32, eval): the reference the engine is tested
+    against and the `generate` baseline of the benchmark."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    return model.eval()
+
+
 def load_model(name: str = "smollm2") -> LoadedModel:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     path, model_id = resolve_model_dir(name)
     tok = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-    model.eval()
+    model = load_hf_model(path)
     return LoadedModel(model=model, tokenizer=tok, model_id=model_id, weights_hash=weights_hash(path), path=path)

@@ -39,8 +39,9 @@ def sample(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tens
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
-def make_generator(seed: int | None) -> torch.Generator:
-    g = torch.Generator()
+def make_generator(seed: int | None, device: torch.device | str = "cpu") -> torch.Generator:
+    """A per-request generator on the model's device: its draws do not depend on other requests."""
+    g = torch.Generator(device=device)
     if seed is None:
         g.seed()
     else:

@@ -23,8 +23,8 @@ def greedy_verify(draft_tokens: torch.Tensor, target_logits: torch.Tensor) -> tu
     """draft_tokens [k], target_logits [k+1, V] -> (n accepted, committed tokens: d_1..d_n + one more)."""
     k = draft_tokens.shape[0]
     assert target_logits.shape[0] == k + 1, (draft_tokens.shape, target_logits.shape)
-    target = target_logits.argmax(dim=-1)  # [k+1]
-    mismatch = (draft_tokens != target[:k]).nonzero()
+    target = target_logits.argmax(dim=-1).cpu()  # [k+1]
+    mismatch = (draft_tokens.cpu() != target[:k]).nonzero()
     n = int(mismatch[0, 0]) if mismatch.numel() else k
     return n, target[: n + 1].tolist()
 
@@ -39,9 +39,11 @@ def rejection_sample(
     """Returns (n accepted, committed tokens: d_1..d_n followed by a recovered or bonus token)."""
     k = draft_tokens.shape[0]
     assert target_probs.shape[0] == k + 1 and uniforms.shape[0] == k
-    rows = torch.arange(k)
+    dev = target_probs.device
+    draft_tokens, uniforms = draft_tokens.to(dev), uniforms.to(dev)
+    rows = torch.arange(k, device=dev)
     p_d = target_probs[rows, draft_tokens]  # [k]
-    q_d = torch.ones(k) if draft_probs is None else draft_probs[rows, draft_tokens]
+    q_d = torch.ones(k, device=dev) if draft_probs is None else draft_probs[rows, draft_tokens]
     # u < p/q  <=>  u * q < p ; q_d > 0 always holds since the draft sampled d from q.
     accept = uniforms * q_d < p_d  # [k]
     rejected = (~accept).nonzero()

@@ -11,6 +11,7 @@ import typer
 from engine.cli import bench_engine, generate
 from index.cli import index_app
 from router.bench import bench_route
+from services.bench_serve import bench_serve
 from services.k8s_cli import k8s_app
 from services.serve_cmd import serve
 from services.tenants_cli import tenants_app
@@ -26,6 +27,7 @@ app.command("generate")(generate)
 app.command("serve")(serve)
 bench_app.command("engine")(bench_engine)
 bench_app.command("route")(bench_route)
+bench_app.command("serve")(bench_serve)
 
 
 def main() -> None:

@@ -16,6 +16,8 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from engine.config import RuntimeSettings
+
 
 class _Config(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -148,6 +150,20 @@ class ServeAppConfig(_Config):
     )
 
 
+class EngineSettings(_Config):
+    """Where and how each model replica runs its engine."""
+
+    device: str = Field(
+        "auto", description="Torch device: 'cpu', 'cuda', 'cuda:N', or 'auto' (the GPU Ray gives the replica when it "
+        "has one, else the CPU)."
+    )
+    dtype: str = Field(
+        "auto", description="Weights and activations: 'float32', 'bfloat16', 'float16', or 'auto' (fp32 on the CPU, "
+        "bf16 on a GPU). Greedy output is identical with and without speculation for any choice."
+    )
+    max_seq_len: int = Field(8192, ge=16, description="Longest prompt + output a request may reach (capped by the model's context).")
+
+
 def _env_redis_url() -> str:
     return os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
 
@@ -173,6 +189,11 @@ class AppConfig(_Config):
     generation: GenerationConfig = Field(default_factory=GenerationConfig, description="Defaults and caps for generation.")
     deployments: DeploymentsConfig = Field(
         default_factory=DeploymentsConfig, description="Scaling and resources of gateway, router and replicas."
+    )
+    engine: EngineSettings = Field(default_factory=EngineSettings, description="Device and dtype of the model replicas.")
+    runtime: RuntimeSettings = Field(
+        default_factory=RuntimeSettings,
+        description="How one replica batches requests: slots, waiting queue, prefill chunks, load-aware speculation.",
     )
     serve: ServeAppConfig = Field(default_factory=ServeAppConfig, description="How the Serve application is named and built.")
 

@@ -1,15 +1,16 @@
-"""A model replica: one `Engine`, decoding one request at a time with the routed `DraftConfig`, as chunks.
+"""A model replica: one `Engine` and its batching `Scheduler`, decoding many requests at once.
 
 `ModelReplica.generate(req, draft, route)` yields `BackendChunk`s by the contract in `services.backend`:
 the first carries the route, the prompt's token count, the replica's name and its queue depth; the last
 carries finish_reason, usage, route and `DecodeStats.to_dict()`. `req.speculative == False` decodes with
 `DraftConfig.plain()` whatever was routed (same output, only speed differs).
 
-The engine owns one KV cache, so requests wait on an asyncio lock, and `queue_depth` counts the ones
-decoding or waiting. Decoding is CPU-bound: every engine step runs on one dedicated thread (torch keeps
-thread settings per OS thread, and one thread also orders a stream's close before the next request's
-first step), so the event loop stays free to accept, queue and cancel requests. A client that goes
-away stops the decode at the next step. A plain class: the Serve deployment is applied in services/app.py.
+One decode thread runs the scheduler loop (torch keeps thread settings per OS thread; the engine is
+not thread-safe, so only that thread touches it after loading); requests join it at the next
+iteration and leave the moment they finish or their client goes away (the stream's close cancels the
+sequence, whose slot is freed at the next iteration). A full waiting queue is refused at once with a
+503 and `Retry-After` (never an unbounded wait). A plain class: the Serve deployment is applied in
+services/app.py.
 """
 
 from __future__ import annotations
@@ -18,30 +19,17 @@ import asyncio
 import logging
 import os
 import socket
-from collections.abc import AsyncIterator, Iterator
-from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Protocol
+import threading
+from collections.abc import AsyncIterator
+from typing import Any
 
-from engine.config import DraftConfig, SamplingParams
+from engine.config import DraftConfig
+from engine.schedule import QueueFull
 from services.backend import BackendChunk, BackendRequest, RouteInfo, Usage
 from services.config import AppConfig
-from services.errors import InvalidRequest, ServiceError, to_service_error
+from services.errors import InvalidRequest, ServiceError, ServiceUnavailable, to_service_error
 
 log = logging.getLogger(__name__)
-
-_END = object()
-
-
-class StreamingEngine(Protocol):
-    """What a replica needs from `engine.generate.Engine`."""
-
-    num_layers: int
-
-    def encode_prompt(self, prompt: str | None = None, messages: list[dict] | None = None) -> list[int]: ...
-
-    def stream(self, prompt_ids: list[int], params: SamplingParams, draft: DraftConfig | None = None) -> Iterator[Any]:
-        """Yields objects with token_ids, text, finish_reason (None until the last) and stats (DecodeStats)."""
-        ...
 
 
 def _set_torch_threads(threads: int | None) -> None:
@@ -52,12 +40,14 @@ def _set_torch_threads(threads: int | None) -> None:
 
 
 class ModelReplica:
-    """One engine, requests serialised; see the module docstring."""
+    """One engine, many requests in flight; see the module docstring."""
+
+    RETRY_AFTER_S = 1.0
 
     def __init__(
         self,
         config: AppConfig | dict | None = None,
-        engine: StreamingEngine | None = None,
+        engine: Any | None = None,
         *,
         threads: int | None = None,
         name: str | None = None,
@@ -66,43 +56,70 @@ class ModelReplica:
         if threads is None:
             threads = max(1, int(round(self.config.deployments.replica.ray_actor_options.num_cpus)))
         self.threads = threads
-        self._executor = ThreadPoolExecutor(
-            max_workers=1, thread_name_prefix="knnssd-decode", initializer=_set_torch_threads, initargs=(threads,)
-        )
-        if engine is None:
-            engine = self._executor.submit(self._load_engine).result()  # loaded on the decode thread
-        self.engine = engine
         self.name = name or f"{socket.gethostname()}:{os.getpid()}"
-        self._lock: asyncio.Lock | None = None
-        self._ongoing = 0
-        self._closed = False
+        self._stop = threading.Event()
+        self._ready = threading.Event()
+        self._error: BaseException | None = None
+        self.engine = engine
         self.served = 0
+        self._thread = threading.Thread(target=self._loop, name="knnssd-decode", daemon=True)
+        self._thread.start()
+        self._ready.wait()
+        if self._error is not None:
+            raise self._error
+        log.info("replica %s: model %s on %s (%s), up to %d requests at once", self.name,
+                 self.engine.model_id, self.engine.device, str(self.engine.dtype).replace("torch.", ""),
+                 self.scheduler.settings.max_running)
 
-    def _load_engine(self) -> StreamingEngine:
-        from engine.generate import Engine
+    def _loop(self) -> None:
+        try:
+            _set_torch_threads(self.threads)
+            if self.engine is None:
+                from engine.generate import Engine
 
-        source = self.config.model_path or self.config.model
-        log.info("replica loading model %s with %d torch threads", source, self.threads)
-        return Engine.load(source)
+                e = self.config.engine
+                source = self.config.model_path or self.config.model
+                log.info("replica loading model %s on %s with %d torch threads", source, e.device, self.threads)
+                self.engine = Engine.load(source, max_seq_len=e.max_seq_len, device=e.device, dtype=e.dtype)
+            self.scheduler = self.engine.scheduler(self.config.runtime)
+        except BaseException as exc:  # noqa: BLE001 - reported to the constructor
+            self._error = exc
+            self._ready.set()
+            return
+        self._ready.set()
+        self.scheduler.run(self._stop)
 
     # ---------------------------------------------------------------- state
 
     @property
     def queue_depth(self) -> int:
-        """Requests at this replica: the one decoding plus those waiting for the engine."""
-        return self._ongoing
+        """Requests at this replica: decoding plus waiting for a slot."""
+        running, waiting = self.scheduler.load
+        return running + waiting
+
+    def info(self) -> dict[str, Any]:
+        """What this replica runs on and how busy it is (for /health and logs)."""
+        running, waiting = self.scheduler.load
+        return {
+            "replica": self.name,
+            "model": self.engine.model_id,
+            "device": str(self.engine.device),
+            "dtype": str(self.engine.dtype).replace("torch.", ""),
+            "running": running,
+            "waiting": waiting,
+            "max_running": self.scheduler.settings.max_running,
+        }
 
     def check_health(self) -> None:
         """Serve calls this periodically; a raise restarts the replica."""
-        if self._closed:
-            raise RuntimeError("this replica is shut down")
+        if self._stop.is_set() or not self._thread.is_alive():
+            raise RuntimeError("this replica's decode loop is not running")
 
     def shutdown(self) -> None:
-        self._closed = True
-        self._executor.shutdown(wait=False, cancel_futures=True)
+        self._stop.set()
 
     def __del__(self) -> None:  # Serve's replica shutdown hook
-        if hasattr(self, "_executor"):
+        if hasattr(self, "_stop"):
             self.shutdown()
 
     # ---------------------------------------------------------------- decoding
@@ -113,71 +130,64 @@ class ModelReplica:
         """Decode `req` with `draft` (plain when the request turns speculation off, or none was given)."""
         if draft is None or not req.speculative:
             draft = DraftConfig.plain()
-        if self._lock is None:  # created here so it belongs to the loop that runs requests
-            self._lock = asyncio.Lock()
-        self._ongoing += 1
-        depth = self._ongoing
-        try:
-            async with self._lock:
-                async for chunk in self._decode(req, draft, route, depth):
-                    yield chunk
-        finally:
-            self._ongoing -= 1
-
-    async def _decode(
-        self, req: BackendRequest, draft: DraftConfig, route: RouteInfo | None, depth: int
-    ) -> AsyncIterator[BackendChunk]:
         loop = asyncio.get_running_loop()
-        ex = self._executor
+        queue: asyncio.Queue = asyncio.Queue()
 
-        def start() -> tuple[list[int], Iterator[Any]]:
+        def emit(out) -> None:  # on the decode thread: hand a snapshot to this request's event loop
+            snap = (out.token_ids, out.text, out.finish_reason, out.stats.to_dict() if out.finish_reason else None)
+            try:
+                loop.call_soon_threadsafe(queue.put_nowait, snap)
+            except RuntimeError:  # the request's loop is gone
+                pass
+
+        def make():
             try:
                 ids = self.engine.encode_prompt(prompt=req.prompt, messages=req.messages)
             except ValueError as exc:  # e.g. chat messages for a model without a chat template
                 raise InvalidRequest(str(exc), param="messages" if req.messages is not None else "prompt") from None
-            return ids, self.engine.stream(ids, req.sampling, draft)
+            return ids, self.engine.sequence(ids, req.sampling, draft, emit=emit, rid=req.request_id)
 
-        ids, steps = await loop.run_in_executor(ex, start)
-        done = False
-        first = True
-        tokens = 0
+        try:
+            ids, seq = await asyncio.to_thread(make)
+            self.scheduler.submit(seq)
+        except QueueFull as exc:
+            raise ServiceUnavailable(
+                f"This replica is at capacity ({exc.waiting} requests waiting); retry shortly.",
+                code="replica_overloaded", headers={"retry-after": str(int(self.RETRY_AFTER_S))},
+            ) from None
+        except ServiceError:
+            raise
+        except Exception as exc:
+            mapped = to_service_error(exc)
+            if mapped is None:
+                raise
+            raise mapped from None
+        depth = self.queue_depth
+        first, done, tokens = True, False, 0
         try:
             while True:
-                try:
-                    out = await loop.run_in_executor(ex, next, steps, _END)
-                except ServiceError:
-                    raise
-                except Exception as exc:
-                    # Known failures (prompt too long...) cross the Ray boundary as ServiceErrors, which
-                    # pickle with their status; the engine's own exception classes may not unpickle.
-                    mapped = to_service_error(exc)
-                    if mapped is None:
-                        raise
-                    raise mapped from None
-                if out is _END:  # the engine always ends with a finish_reason; this is only a guard
-                    raise RuntimeError("the engine stopped without a finish reason")
-                n = len(out.token_ids)
+                tok_ids, text, finish, stats = await queue.get()
+                if finish == "cancelled":
+                    raise ServiceUnavailable("The request was cancelled by the replica.")
+                n = len(tok_ids)
                 tokens += n
-                last = out.finish_reason is not None
-                chunk = BackendChunk(text=out.text, tokens=n)
+                chunk = BackendChunk(text=text, tokens=n)
                 if first:
                     chunk.route = route
                     chunk.usage = Usage(prompt_tokens=len(ids))
                     chunk.replica = self.name
                     chunk.queue_depth = depth
                     first = False
-                if last:
-                    chunk.finish_reason = out.finish_reason
+                if finish is not None:
+                    chunk.finish_reason = finish
                     chunk.usage = Usage(prompt_tokens=len(ids), completion_tokens=tokens)
                     chunk.route = route
-                    chunk.stats = out.stats.to_dict()
+                    chunk.stats = stats
                     done = True
                     self.served += 1
                 yield chunk
-                if last:
+                if done:
                     return
         finally:
             if not done:
-                # Runs on the decode thread after any step still in flight and before the next request's
-                # first step, so the engine's own cleanup finishes before it is used again.
-                ex.submit(steps.close)
+                seq.cancel()  # its slot is freed at the scheduler's next iteration

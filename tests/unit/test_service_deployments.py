@@ -9,64 +9,45 @@ import time
 from dataclasses import dataclass, field
 
 import pytest
+import torch
 
-from engine.config import DecodeStats, DraftConfig, SamplingParams
+from engine.config import DraftConfig, SamplingParams
 from services.backend import BackendRequest, RouteInfo
 from services.config import AppConfig
 from services.errors import InvalidRequest
 from services.ray_backend import RayBackend
 from services.replica import ModelReplica
 from services.routing import Routed, RouterService, router_key_prefix
-
-
-@dataclass
-class Step:
-    token_ids: list[int]
-    text: str
-    finish_reason: str | None
-    stats: DecodeStats
+from tests.tiny import tiny_engine
 
 
 class FakeEngine:
-    """Emits one word per step; records the draft configs it was given and which threads ran it."""
+    """The real engine and scheduler on a tiny random model (tests.tiny), recording the draft configs the
+    replica hands it; `delay` slows each scheduler iteration so requests overlap."""
 
-    num_layers = 30
-
-    def __init__(self, delay: float = 0.0) -> None:
+    def __init__(self, delay: float = 0.0, max_seq_len: int = 100) -> None:
+        self.eng = tiny_engine(max_seq_len=max_seq_len)
         self.delay = delay
         self.drafts: list[DraftConfig] = []
-        self.threads: set[str] = set()
-        self.active = 0
-        self.max_active = 0
-        self.closed = 0
+        self.num_layers = self.eng.num_layers
 
-    def encode_prompt(self, prompt=None, messages=None):
-        if messages is not None and any(m["role"] == "tool" for m in messages):
-            raise ValueError("no tools here")
-        text = prompt if prompt is not None else " ".join(m["content"] for m in messages)
-        return list(range(len(text.split())))
+    def __getattr__(self, name):
+        return getattr(self.eng, name)
 
-    def stream(self, ids, params: SamplingParams, draft=None):
+    def sequence(self, ids, params, draft=None, emit=None, rid=None):
         self.drafts.append(draft)
-        if len(ids) > 100:
-            from engine.decode import PromptTooLongError
+        return self.eng.sequence(ids, params, draft, emit, rid)
 
-            raise PromptTooLongError(len(ids), 100)
-        stats = DecodeStats(prompt_tokens=len(ids))
-        self.active += 1
-        self.max_active = max(self.max_active, self.active)
-        try:
-            for i in range(params.max_new_tokens):
-                self.threads.add(threading.current_thread().name)
-                time.sleep(self.delay)
-                stats.new_tokens += 1
-                stats.observe_step(2, 1)
-                yield Step([i], f" w{i}", None, stats)
-            stats.finish_reason = "length"
-            yield Step([], "", "length", stats)
-        finally:
-            self.active -= 1
-            self.closed += 1
+    def scheduler(self, settings=None):
+        sched = self.eng.scheduler(settings)
+        step, delay = sched.step, self.delay
+
+        def slow_step():
+            time.sleep(delay)
+            return step()
+
+        sched.step = slow_step
+        return sched
 
 
 def _req(prompt="a b c", n=3, speculative=True, **kw):
@@ -79,23 +60,39 @@ async def _collect(agen):
 
 
 ROUTE = RouteInfo(domain="code", config_id="ssd-x", index_version="v1")
-CFG = DraftConfig(skip_mlp=(3, 4), max_draft=3)
+CFG = DraftConfig(skip_mlp=(2, 3), max_draft=3, confidence=0.0)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _solo(eng, req):
+    ids = eng.encode_prompt(prompt=req.prompt, messages=req.messages)
+    return ids, eng.eng.generate(ids, req.sampling, DraftConfig.plain())
 
 
 def test_replica_streams_by_the_backend_contract():
     eng = FakeEngine()
     rep = ModelReplica(AppConfig(), engine=eng, threads=1, name="rep-1")
-    chunks = asyncio.run(_collect(rep.generate(_req(n=3), CFG, ROUTE)))
+    req = _req(n=12)
+    chunks = asyncio.run(_collect(rep.generate(req, CFG, ROUTE)))
+    ids, solo = _solo(eng, req)
     first, last = chunks[0], chunks[-1]
-    assert first.route == ROUTE and first.usage.prompt_tokens == 3 and first.replica == "rep-1" and first.queue_depth == 1
-    assert first.text == " w0" and first.tokens == 1
-    assert last.is_last and last.finish_reason == "length" and last.route == ROUTE
-    assert last.usage.prompt_tokens == 3 and last.usage.completion_tokens == 3
-    assert last.stats["drafted"] == 6 and last.stats["accepted"] == 3
-    assert "".join(c.text for c in chunks) == " w0 w1 w2"
+    assert first.route == ROUTE and first.usage.prompt_tokens == len(ids) and first.replica == "rep-1"
+    assert first.queue_depth == 1 and first.tokens >= 1
+    assert last.is_last and last.finish_reason == solo.finish_reason and last.route == ROUTE
+    assert last.usage.prompt_tokens == len(ids) and last.usage.completion_tokens == len(solo.token_ids)
+    assert last.stats["drafted"] > 0 and last.stats["new_tokens"] == len(solo.token_ids)
+    assert "".join(c.text for c in chunks) == solo.text
     assert [c.is_last for c in chunks].count(True) == 1
-    assert eng.drafts == [CFG] and eng.threads == {n for n in eng.threads if n.startswith("knnssd-decode")}
+    assert eng.drafts == [CFG] and rep._thread.name == "knnssd-decode"
     assert rep.queue_depth == 0 and rep.served == 1
+    assert rep.info()["device"] == "cpu" and rep.info()["max_running"] == AppConfig().runtime.max_running
     rep.shutdown()
 
 
@@ -108,21 +105,24 @@ def test_replica_plain_when_speculation_is_off():
     rep.shutdown()
 
 
-def test_replica_serialises_requests_and_reports_queue_depth():
-    eng = FakeEngine(delay=0.01)
+def test_replica_decodes_concurrent_requests_together_with_their_solo_output():
+    eng = FakeEngine(delay=0.002)
     rep = ModelReplica(AppConfig(), engine=eng, threads=1)
+    reqs = [_req(prompt=p, n=10 + 3 * i) for i, p in enumerate(["a b c", "d e f g h i", "j k"])]
 
     async def main():
-        return await asyncio.gather(*(_collect(rep.generate(_req(n=4), CFG, ROUTE)) for _ in range(3)))
+        return await asyncio.gather(*(_collect(rep.generate(r, CFG, ROUTE)) for r in reqs))
 
     results = asyncio.run(main())
-    assert eng.max_active == 1
-    assert sorted(r[0].queue_depth for r in results) == [1, 2, 3]
-    assert all("".join(c.text for c in r) == " w0 w1 w2 w3" for r in results)
+    for r, chunks in zip(reqs, results):
+        assert "".join(c.text for c in chunks) == _solo(eng, r)[1].text
+    assert max(c[-1].stats["max_batch"] for c in results) == 3  # decoded together, not one at a time
+    assert sorted(r[0].queue_depth for r in results)[-1] >= 2
+    assert rep.queue_depth == 0
     rep.shutdown()
 
 
-def test_replica_abandoned_stream_closes_the_engine_and_frees_it():
+def test_replica_abandoned_stream_frees_its_slot():
     eng = FakeEngine(delay=0.005)
     rep = ModelReplica(AppConfig(), engine=eng, threads=1)
 
@@ -135,7 +135,30 @@ def test_replica_abandoned_stream_closes_the_engine_and_frees_it():
 
     second = asyncio.run(main())
     assert second[-1].usage.completion_tokens == 2
-    assert eng.closed == 2 and rep.queue_depth == 0
+    for _ in range(100):
+        if rep.queue_depth == 0:
+            break
+        time.sleep(0.01)
+    assert rep.queue_depth == 0 and rep.served == 1
+    rep.shutdown()
+
+
+def test_replica_full_queue_is_a_503_with_retry_after():
+    from services.errors import ServiceUnavailable
+
+    cfg = AppConfig(runtime={"max_running": 1, "max_waiting": 0})
+    rep = ModelReplica(cfg, engine=FakeEngine(delay=0.01), threads=1)
+
+    async def main():
+        first = rep.generate(_req(n=40), CFG, ROUTE)
+        await first.__anext__()  # decoding: the only slot is taken
+        with pytest.raises(ServiceUnavailable) as info:
+            await _collect(rep.generate(_req(n=2), CFG, ROUTE))
+        await first.aclose()
+        return info.value
+
+    err = asyncio.run(main())
+    assert err.status == 503 and int(err.headers["retry-after"]) >= 1
     rep.shutdown()
 
 
@@ -154,9 +177,9 @@ def test_replica_prompt_too_long_crosses_processes_as_a_400():
 
     from services.errors import PromptTooLong
 
-    rep = ModelReplica(AppConfig(), engine=FakeEngine(), threads=1)
+    rep = ModelReplica(AppConfig(), engine=FakeEngine(max_seq_len=100), threads=1)
     with pytest.raises(PromptTooLong) as info:
-        asyncio.run(_collect(rep.generate(_req(prompt="w " * 150), CFG, ROUTE)))
+        asyncio.run(_collect(rep.generate(_req(prompt="w " * 74 + "w"), CFG, ROUTE)))
     back = pickle.loads(pickle.dumps(info.value))  # what Ray does with a deployment's exception
     assert type(back) is PromptTooLong and back.status == 400 and back.code == "context_length_exceeded"
     assert "150" in back.message and rep.queue_depth == 0
@@ -340,7 +363,8 @@ def test_gateway_ingress_builds_the_app_with_injected_collaborators():
 
     tenant, key = Tenant.create("t")
     ing = GatewayIngress(AppConfig(), FakeRouterHandle(), FakeReplicaHandle(None),
-                         tenants=TenantStore(None, tenants=[tenant]), limiter=None, usage=None, metrics=ServiceMetrics())
+                         tenants=TenantStore(None, tenants=[tenant]), limiter=None, usage=None, metrics=ServiceMetrics(),
+                         count_prompt_tokens=None)  # no tokenizer: the unit test stays free of model files
     app = ing.__serve_build_asgi_app__()
     paths = {r.path for r in app.routes}
     assert {"/v1/completions", "/v1/chat/completions", "/v1/models", "/health", "/metrics"} <= paths
