@@ -205,6 +205,10 @@ def validation_error(errors: list[dict[str, Any]]) -> InvalidRequest:
     if not errors:
         return InvalidRequest("Invalid request.")
     err = errors[0]
+    # A union (content: str | list[TextPart]) reports one error per branch; the deepest one is the branch the
+    # client meant (a list whose part lacks 'text' is not "not a valid string").
+    same_field = [e for e in errors if tuple(e.get("loc", ()))[:2] == tuple(err.get("loc", ()))[:2]]
+    err = max(same_field, key=lambda e: len(e.get("loc", ())))
     kind = err.get("type", "")
     loc = [p for p in err.get("loc", ()) if p != "body"]
     ctx = err.get("ctx") or {}
@@ -233,9 +237,14 @@ def validation_error(errors: list[dict[str, Any]]) -> InvalidRequest:
     return InvalidRequest(f"Invalid value for '{param}': {msg}" if param else msg, param=param, code="invalid_value")
 
 
+_UNION_TAGS = {"str", "int", "float", "bool", "dict", "list", "none"}
+
+
 def _param_from_loc(loc: list[Any]) -> str | None:
     out = ""
     for part in loc:
+        if isinstance(part, str) and (part in _UNION_TAGS or "[" in part):
+            continue  # pydantic's name of a union branch, not a parameter
         if isinstance(part, int):
             out += f"[{part}]"
         elif not out:

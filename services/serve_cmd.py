@@ -1,7 +1,7 @@
 """`knnssd serve`: the whole service on this machine in one command.
 
-Starts a local Ray that listens on loopback only, with token auth on (`local_ray_env`: nothing of Ray is
-reachable from another machine, and local processes need the per-run token), finds the Redis at the config's URL or
+Starts a local Ray that listens on loopback only, with token auth on (`services.ray_local`: nothing of Ray
+is reachable from another machine, and local processes need the per-run token), finds the Redis at the config's URL or
 starts a throwaway `redis-server`, resolves the index (the config's `index_path`, else the shipped
 default), creates the dev tenant with a known key, runs the Serve app (`services.app.build_app`) and
 blocks, printing the URL, the key and a curl line. Ctrl-C (or SIGTERM) shuts Serve, Ray and a Redis it
@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import ipaddress
 import os
-import secrets
 import signal
 import sys
 import time
@@ -90,25 +89,6 @@ def check_index(index_root: Path, model_hash: str | None = None, spec=None) -> N
         ) from None
 
 
-def local_ray_env() -> dict[str, str]:
-    """Environment for the Ray `knnssd serve` starts on this machine (set before Ray is imported; every Ray
-    process inherits it). Only the Serve HTTP proxy listens where `--host` says; everything else of Ray
-    (GCS, raylets, workers, the dashboard agent with its job API, the runtime-env agent) on 127.0.0.1."""
-    from services.errors import PROXY_CALLBACK, PROXY_CALLBACK_ENV
-
-    return {
-        # Ray's single-machine mode (made for laptops): the node IP becomes 127.0.0.1 instead of the
-        # machine's external address, and Ray's servers bind the node IP.
-        "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
-        # Token auth on every Ray RPC and on the agent's HTTP API: a fresh token per run, kept in the
-        # environment of our own processes only (never written to disk).
-        "RAY_AUTH_MODE": "token",
-        "RAY_AUTH_TOKEN": secrets.token_hex(32),
-        # The Serve proxy's own errors (bad HTTP, back-pressure) in the OpenAI envelope.
-        PROXY_CALLBACK_ENV: PROXY_CALLBACK,
-    }
-
-
 def _is_loopback(host: str) -> bool:
     if host == "localhost":
         return True
@@ -149,6 +129,8 @@ def serve(
 
     local = ray_address == "local"
     if local:
+        from services.ray_local import local_ray_env
+
         os.environ.update(local_ray_env())
     else:  # joining a cluster: its own auth settings apply
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")
@@ -199,9 +181,13 @@ def serve(
 
         t0 = time.perf_counter()
         env = {k: os.environ[k] for k in ("RAY_AUTH_MODE", "HF_HUB_OFFLINE", "KNNSSD_CACHE") if k in os.environ}
-        loopback = {"_node_ip_address": "127.0.0.1", "dashboard_host": "127.0.0.1"} if local else {}
-        ray.init(address=ray_address, include_dashboard=False, runtime_env={"env_vars": env}, log_to_driver=True,
-                 **loopback)
+        from services.ray_local import HOOK, LOCAL_INIT
+
+        runtime_env: dict = {"env_vars": env}
+        if local:
+            runtime_env["worker_process_setup_hook"] = HOOK
+        ray.init(address=ray_address, runtime_env=runtime_env, log_to_driver=True,
+                 **(LOCAL_INIT if local else {"include_dashboard": False}))
         ray_started = True
         serve.start(http_options={"host": cfg.http.host, "port": cfg.http.port})
         _say("starting the app...")
