@@ -55,6 +55,10 @@ ABLATION_CONFIGS: dict[str, DraftConfig] = {
         quantize="int8", draft_vocab=8192, prompt_lookup=2, max_draft=8, confidence=0.3, adaptive=True,
         target_acceptance=0.8,
     ),
+    "int4+vocab8k+lookup2+adaptive": DraftConfig(
+        quantize="int4", draft_vocab=8192, prompt_lookup=2, max_draft=8, confidence=0.3, adaptive=True,
+        target_acceptance=0.8,
+    ),
 }
 PER_KIND = "per-kind"
 

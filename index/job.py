@@ -158,7 +158,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     finally:
         ray.shutdown()
-    Console(width=160).print(summary_table(result))
+    Console(width=240).print(summary_table(result))  # every knob column stays readable in the job log
     log.info("artefact %s written to %s in %.1f s", result.manifest.version, result.path, result.seconds)
     if args.redis_url:
         payload = publish_version(args.redis_url, result.manifest.version, result.path, prefix=args.redis_prefix)

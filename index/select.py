@@ -38,8 +38,8 @@ GENERAL = "general"
 OWN = "own"
 
 # Strong general candidates measured on SmolLM2 (README "Benchmarks", issue 11): the best static
-# combination, prompt lookup alone (no draft pass at all), lookup with an adaptive length, and int8 plus
-# lookup. Every one is in engine.bench.ABLATION_CONFIGS under the same name (a unit test checks it).
+# combination, prompt lookup alone (no draft pass at all), lookup with an adaptive length, int8 plus
+# lookup, and the best combination on int4 draft weights. Every one is in engine.bench.ABLATION_CONFIGS under the same name (a unit test checks it).
 GENERAL_CANDIDATES: dict[str, DraftConfig] = {
     "int8+vocab8k+lookup2+adaptive": DraftConfig(
         quantize="int8", draft_vocab=8192, prompt_lookup=2, max_draft=8, confidence=0.3, adaptive=True,
@@ -48,6 +48,11 @@ GENERAL_CANDIDATES: dict[str, DraftConfig] = {
     "lookup": DraftConfig(prompt_lookup=3, model_draft=False, max_draft=8),
     "lookup2+adaptive": DraftConfig(prompt_lookup=2, model_draft=False, max_draft=8, adaptive=True),
     "int8+vocab8k+lookup": DraftConfig(quantize="int8", draft_vocab=8192, prompt_lookup=3, max_draft=8, confidence=0.3),
+    # the same as the first on int4 weights (the engine's cheaper draft precision)
+    "int4+vocab8k+lookup2+adaptive": DraftConfig(
+        quantize="int4", draft_vocab=8192, prompt_lookup=2, max_draft=8, confidence=0.3, adaptive=True,
+        target_acceptance=0.8,
+    ),
 }
 
 
