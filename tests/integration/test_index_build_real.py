@@ -50,6 +50,9 @@ def test_tiny_budget_build_on_the_real_model(tmp_path, engine):
         max_new_tokens=12,
         layer_profile_prompts=1,
         progress=False,
+        # The search alone (the procedure before issue 11): each domain gets its best measured config, or
+        # plain when none reached min_speedup. The default procedure (a general config) is tested below.
+        general=False,
     )
     r = build(s, engine=engine)
     art = A.load_artefact(s.out, expect_model_hash=engine.weights_hash, expect_embedder_id="minilm:all-MiniLM-L6-v2")
@@ -71,6 +74,40 @@ def test_tiny_budget_build_on_the_real_model(tmp_path, engine):
     assert (art.path / "search.png").stat().st_size > 1000
     with pytest.raises(A.ArtefactError, match="weights hash"):
         A.load_artefact(s.out, expect_model_hash="0" * 64)
+
+
+def test_general_procedure_on_the_real_model(tmp_path, engine):
+    """The default procedure: a general config measured on both domains' prompts becomes the fallback; a
+    domain keeps its own config only when it beat the general one by more than the noise; nothing is
+    plain unless plain measurably won; speedups are recorded with their intervals."""
+    from index.select import GENERAL_CANDIDATES
+
+    cands = {n: GENERAL_CANDIDATES[n] for n in ("lookup2+adaptive", "int8+vocab8k+lookup2+adaptive")}
+    s = BuildSettings(
+        data=_small_corpus(tmp_path / "data", n=4), out=tmp_path / "out", k=1, budget=2, screen_prompts=1, measure_prompts=1,
+        measure_rounds=1, n_measure=1, max_new_tokens=12, layer_profile_prompts=0, progress=False,
+        general_candidates=cands, general_prompts=1, confirm_prompts=2, select_rounds=1, select_tokens=16,
+    )  # fmt: skip
+    r = build(s, engine=engine)
+    m = A.load_artefact(s.out).manifest
+    g = r.general.choice
+    assert m.general is not None and set(m.general.candidates) == set(cands) and m.general.speedup.prompts == 2
+    assert all(c.lossless for c in g.candidates)
+    if m.general.name == "plain":
+        assert max(c.speedup.high for c in g.candidates if c.valid) < 1.0
+    else:
+        assert m.fallback_config == cands[m.general.name] and m.general.speedup.value == max(c.speedup.value for c in g.candidates if c.valid)
+    for name, e in m.domains.items():
+        ch = r.results[name].choice
+        assert e.source == ch.source and e.measured == ch.speedup and e.measured.prompts == 2 and e.speedup == e.measured.value
+        assert e.measured.low <= e.measured.value <= e.measured.high
+        if e.source == "own" and e.config != m.fallback_config:
+            assert e.vs_general.low > 1.0
+        else:
+            assert e.config == m.fallback_config
+        if not e.config.enabled and m.fallback_config.enabled:  # plain only when it measurably beat the general config
+            assert e.vs_general.low > 1.0
+        assert all(mm.lossless for mm in r.results[name].measured)
 
 
 def test_llm_hidden_representation(tmp_path, engine):
