@@ -23,7 +23,7 @@ from engine.detok import TextStream
 from engine.draft import NO_DRAFT, Draft, Drafter, draft_plan
 from engine.lean import LeanModel, Segment
 from engine.sampling import make_generator, probs_for, sample
-from engine.verify import greedy_verify, rejection_sample
+from engine.verify import greedy_verify_ids, rejection_sample
 
 
 class PromptTooLongError(ValueError):
@@ -128,7 +128,8 @@ class Sequence:
         end = min((start // chunk + 1) * chunk, len(self.prompt))
         toks = torch.tensor(self.prompt[start:end], device=self.model.device)
         last = end == len(self.prompt)
-        return Segment(self.cache, start, toks, "last" if last else "none", exact=False)
+        want = ("argmax_last" if self.params.greedy else "last") if last else "none"
+        return Segment(self.cache, start, toks, want, exact=False)
 
     def after_prefill(self, seg: Segment, logits: torch.Tensor | None, seconds: float) -> None:
         self.prefilled = seg.start + seg.tokens.shape[0]
@@ -148,13 +149,14 @@ class Sequence:
 
     def verify_segment(self, draft: Draft) -> Segment:
         toks = torch.cat([torch.tensor([self.cur]), draft.tokens]).to(self.model.device)
-        return Segment(self.cache, self.pos, toks, "all", exact=True)
+        return Segment(self.cache, self.pos, toks, "argmax" if self.params.greedy else "all", exact=True)
 
     def after_verify(self, draft: Draft, logits: torch.Tensor, draft_s: float, verify_s: float, step_cost: float) -> None:
-        """Accept or reject the draft against the full pass's logits [k+1, V], then commit."""
+        """Accept or reject the draft against the full pass's output (greedy tokens [k+1], or logits
+        [k+1, V] when sampling), then commit."""
         k = draft.tokens.shape[0]
         if self.params.greedy:
-            n, pending = greedy_verify(draft.tokens, logits)
+            n, pending = greedy_verify_ids(draft.tokens, logits)
         else:
             target = probs_for(logits, self.params)  # [k+1, V]
             uniforms = torch.rand(k, generator=self.gen, device=self.gen.device)
@@ -175,9 +177,9 @@ class Sequence:
             self.history[self.pos] = self.cur
         self._commit(pending)
 
-    def _pick(self, logits: torch.Tensor) -> int:  # logits [1, V]
+    def _pick(self, logits: torch.Tensor) -> int:  # greedy token [1], or logits [1, V] when sampling
         if self.params.greedy:
-            return int(logits[0].argmax())
+            return int(logits[0])
         return int(sample(probs_for(logits, self.params), self.gen)[0])
 
     # ---- output --------------------------------------------------------------------------------------

@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from engine.head import GreedyHead
 from engine.kernels import PRECISIONS, Linear, make_linear
 from engine.kvcache import SeqCache
 from engine.weights import ARCHS, ArchSpec, WeightSource, rotary_module, text_config
@@ -93,7 +94,7 @@ class Segment:
     cache: SeqCache
     start: int  # position of the first token
     tokens: torch.Tensor  # [m] int64 on the model's device
-    want: str = "all"  # rows returned: "all" | "last" logits, "hidden" states, or "none"
+    want: str = "all"  # rows returned: "all" | "last" logits, "argmax" | "argmax_last" greedy tokens, "hidden", "none"
     exact: bool = True  # attend one row at a time (batch-invariant); False: one causal call (prefill)
     out: torch.Tensor | None = field(default=None, repr=False)
 
@@ -121,6 +122,7 @@ class LeanModel:
         dtype: torch.dtype = torch.float32,
         rotary=None,
         generic: bool = False,
+        greedy_head: bool = True,
     ):
         if isinstance(source, torch.nn.Module):  # a transformers model (tests, tiny random models)
             config = source.config
@@ -183,6 +185,13 @@ class LeanModel:
                     lw.q_norm = self._norm(p + "self_attn.q_norm.weight")[perm].contiguous()
                     lw.k_norm = self._norm(p + "self_attn.k_norm.weight")[perm].contiguous()
                 self.layers.append(lw)
+        # Exact greedy argmax from an int8 head plus an fp32 recheck (engine.head): CPU fp32 only, where
+        # the int8 kernel exists and the fp32 head rows can be read back.
+        self.greedy_head = None
+        if greedy_head and self.device.type == "cpu" and dtype == torch.float32 and not generic:
+            with torch.no_grad():
+                tied = self._lm_head_name == self._prefix + "embed_tokens.weight"
+                self.greedy_head = GreedyHead(self.embed if tied else source.get(self._lm_head_name).contiguous())
         self._heads: dict[tuple[int, str], DraftHead] = {}
         self._plans: dict[tuple, DraftPlan] = {}
         self._scratch: SeqCache | None = None
@@ -278,8 +287,11 @@ class LeanModel:
                 raise ValueError(f"draft skips layers {bad} but the model has {self.n_layers} layers")
             if precision != "full":
                 self.prepare(precision)
+            # Low-bit drafts score with an int8 head: 4-bit rows of a head that GGUF keeps in 8 bits (SmolLM2's
+            # Q8_0 embedding) cost most of the draft's acceptance for little time.
+            head_precision = "int8" if precision == "int4" else precision
             self._plans[key] = DraftPlan(
-                frozenset(skip_attn), frozenset(skip_mlp), precision, self.draft_head(head_rows, precision), key
+                frozenset(skip_attn), frozenset(skip_mlp), precision, self.draft_head(head_rows, head_precision), key
             )
         return self._plans[key]
 
@@ -370,30 +382,44 @@ class LeanModel:
         return self._outputs(x, segments, plan.head)
 
     def _outputs(self, x: torch.Tensor, segments: list[Segment], head: DraftHead | None) -> list[torch.Tensor | None]:
-        picks, spans, r = [], [], 0
+        """Per segment: logits rows ("all"/"last"), greedy tokens ("argmax"/"argmax_last", exact, without
+        the full head where `greedy_head` exists), hidden rows, or None. One head call per kind."""
+        kinds: dict[str, list[int]] = {"logits": [], "argmax": [], "hidden": []}
+        spans: list[tuple[str, int, int] | None] = []
+        r = 0
         for s in segments:
             m = s.tokens.shape[0]
-            if s.want in ("all", "hidden"):
-                spans.append((len(picks), m))
-                picks.extend(range(r, r + m))
-            elif s.want == "last":
-                spans.append((len(picks), 1))
-                picks.append(r + m - 1)
-            else:
+            rows = range(r, r + m) if s.want in ("all", "hidden", "argmax") else [r + m - 1]
+            kind = {"all": "logits", "last": "logits", "hidden": "hidden", "argmax": "argmax", "argmax_last": "argmax"}.get(s.want)
+            if kind is None:
                 spans.append(None)
+            else:
+                if kind == "argmax" and (head is not None or self.greedy_head is None):
+                    kind = "argmax_via_logits"
+                    kinds.setdefault(kind, [])
+                spans.append((kind, len(kinds[kind]), len(rows)))
+                kinds[kind].extend(rows)
             r += m
-        if not picks:
-            return [None] * len(segments)
-        h = x if len(picks) == x.shape[0] else x[torch.tensor(picks, device=x.device)]
-        hidden_only = all(s.want in ("hidden", "none") for s in segments)
-        if hidden_only:
-            out = h
-        elif head is None:
-            out = self.lm_head(h)  # [P, vocab]
-        else:
-            out = torch.full((h.shape[0], self.vocab), float("-inf"), device=h.device, dtype=h.dtype)
-            out[:, head.ids] = head.linear(h).to(h.dtype)
-        return [None if sp is None else out[sp[0] : sp[0] + sp[1]] for sp in spans]
+        out: dict[str, torch.Tensor] = {}
+        for kind, picks in kinds.items():
+            if not picks:
+                continue
+            h = x if len(picks) == x.shape[0] else x[torch.tensor(picks, device=x.device)]
+            if kind == "hidden":
+                out[kind] = h
+            elif kind == "argmax":
+                out[kind] = self.greedy_head.argmax(h)  # [P]
+            else:
+                logits = self._logits(h, head)
+                out[kind] = logits.argmax(dim=-1) if kind == "argmax_via_logits" else logits
+        return [None if sp is None else out[sp[0]][sp[1] : sp[1] + sp[2]] for sp in spans]
+
+    def _logits(self, h: torch.Tensor, head: DraftHead | None) -> torch.Tensor:  # [P, hidden] -> [P, vocab]
+        if head is None:
+            return self.lm_head(h)
+        out = torch.full((h.shape[0], self.vocab), float("-inf"), device=h.device, dtype=h.dtype)
+        out[:, head.ids] = head.linear(h).to(h.dtype)
+        return out
 
     def _mask(self, start: int, m: int, window: int | None) -> torch.Tensor | None:
         """Additive [m, start+m] causal (and window) mask for a prefill chunk; None when m == 1."""

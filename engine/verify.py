@@ -21,9 +21,15 @@ import torch
 
 def greedy_verify(draft_tokens: torch.Tensor, target_logits: torch.Tensor) -> tuple[int, list[int]]:
     """draft_tokens [k], target_logits [k+1, V] -> (n accepted, committed tokens: d_1..d_n + one more)."""
+    assert target_logits.shape[0] == draft_tokens.shape[0] + 1, (draft_tokens.shape, target_logits.shape)
+    return greedy_verify_ids(draft_tokens, target_logits.argmax(dim=-1))
+
+
+def greedy_verify_ids(draft_tokens: torch.Tensor, target_ids: torch.Tensor) -> tuple[int, list[int]]:
+    """draft_tokens [k], the target's greedy tokens [k+1] -> (n accepted, committed tokens)."""
     k = draft_tokens.shape[0]
-    assert target_logits.shape[0] == k + 1, (draft_tokens.shape, target_logits.shape)
-    target = target_logits.argmax(dim=-1).cpu()  # [k+1]
+    assert target_ids.shape[0] == k + 1, (draft_tokens.shape, target_ids.shape)
+    target = target_ids.cpu()  # [k+1]
     mismatch = (draft_tokens.cpu() != target[:k]).nonzero()
     n = int(mismatch[0, 0]) if mismatch.numel() else k
     return n, target[: n + 1].tolist()

@@ -33,6 +33,9 @@ class AutoscalingSettings(_Config):
     )
     upscale_delay_s: float | None = Field(None, ge=0, description="Seconds of sustained load before scaling up.")
     downscale_delay_s: float | None = Field(None, ge=0, description="Seconds of low load before scaling down.")
+    look_back_period_s: float | None = Field(
+        None, gt=0, description="Window over which ongoing requests are averaged for a decision (Serve's default: 30 s)."
+    )
 
     @model_validator(mode="after")
     def _order(self) -> AutoscalingSettings:

@@ -152,7 +152,9 @@ def build_gateway_app(
         "model": HealthResponse, "description": "No model replica can serve right now."}})
     async def health() -> Response:
         ok, detail = await gw.backend_available()
-        body = HealthResponse(status="ok" if ok else "unavailable", models=backend.models(), detail=detail)
+        info = getattr(backend, "replica_info", None)
+        replica = await info() if ok and info is not None else None
+        body = HealthResponse(status="ok" if ok else "unavailable", models=backend.models(), detail=detail, replica=replica)
         headers = None if ok else {"retry-after": "5"}
         return JSONResponse(body.model_dump(), status_code=200 if ok else 503, headers=headers)
 
@@ -688,6 +690,7 @@ def _knnssd(stats: RequestStats, speculative: bool) -> KnnssdInfo:
         speculative=speculative,
         acceptance_rate=None if stats.acceptance_rate is None else round(stats.acceptance_rate, 4),
         stats=stats.decode,
+        replica=stats.replica,
     )
 
 

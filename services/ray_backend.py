@@ -51,6 +51,22 @@ class RayBackend:
         self._health = (now, result)
         return result
 
+    async def replica_info(self) -> dict | None:
+        """What a model replica runs on (device, dtype, load), from one replica; None if it cannot say."""
+        now = time.monotonic()
+        cached = getattr(self, "_info", None)
+        if cached is not None and now - cached[0] < self.HEALTH_CACHE_S:
+            return cached[1]
+        try:
+            info = await asyncio.wait_for(self.replica.info.remote(), timeout=2.0)
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # noqa: BLE001 - informational only
+            log.debug("replica info unavailable", exc_info=True)
+            info = None
+        self._info = (now, info)
+        return info
+
     def _running_replicas(self) -> tuple[bool, str | None]:
         from ray import serve
 

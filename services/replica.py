@@ -153,7 +153,7 @@ class ModelReplica:
         except QueueFull as exc:
             raise ServiceUnavailable(
                 f"This replica is at capacity ({exc.waiting} requests waiting); retry shortly.",
-                code="replica_overloaded", headers={"retry-after": str(int(self.RETRY_AFTER_S))},
+                retry_after_s=self.RETRY_AFTER_S,
             ) from None
         except ServiceError:
             raise

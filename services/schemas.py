@@ -295,6 +295,9 @@ class HealthResponse(BaseModel):
     status: Literal["ok", "unavailable"] = Field(description="'ok' when a model replica can serve.")
     models: list[str] = Field(description="Served model names.")
     detail: str | None = Field(None, description="Why not, when unavailable.")
+    replica: dict[str, Any] | None = Field(
+        None, description="One model replica's device, dtype and load (requests running and waiting, slots)."
+    )
 
 
 class UsageLimits(BaseModel):
@@ -325,6 +328,7 @@ class KnnssdInfo(BaseModel):
     speculative: bool = Field(True, description="Whether self-speculation was on for this request.")
     acceptance_rate: float | None = Field(None, description="Accepted / drafted tokens (None before the end).")
     stats: dict[str, Any] | None = Field(None, description="The decode's stats (drafted, accepted, steps, times).")
+    replica: str | None = Field(None, description="The model replica that decoded the request.")
 
 
 class CompletionChoice(BaseModel):

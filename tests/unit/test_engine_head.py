@@ -1,0 +1,45 @@
+"""The exact greedy head: int8 scores, an error bound, an fp32 recheck of the few candidates."""
+
+from __future__ import annotations
+
+import torch
+
+from engine.head import GreedyHead
+
+
+def _recheck_argmax(w: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    """The reference: argmax of the fp32 recheck over every token."""
+    return torch.stack([(w * row).sum(-1).argmax() for row in h])
+
+
+def test_argmax_equals_the_full_fp32_argmax_with_few_candidates():
+    torch.manual_seed(0)
+    w = torch.randn(5000, 96) * 0.05
+    h = torch.randn(40, 96) * 3
+    head = GreedyHead(w)
+    got = head.argmax(h)
+    assert torch.equal(got, _recheck_argmax(w, h))
+    assert torch.equal(got, (h @ w.T).argmax(-1))
+    assert head.candidates < 40 * 50  # a handful per row, not the vocabulary
+
+
+def test_near_ties_and_exact_ties_resolve_like_argmax():
+    torch.manual_seed(1)
+    w = torch.randn(300, 64) * 0.05
+    w[7] = w[200] + 1e-6  # near tie
+    w[150] = w[20]  # exact tie: the lower id wins, as argmax does
+    h = torch.randn(12, 64)
+    h[0] = w[200] * 40
+    h[1] = w[20] * 40
+    assert torch.equal(GreedyHead(w).argmax(h), _recheck_argmax(w, h))
+    assert int(GreedyHead(w).argmax(h[1:2])[0]) == 20
+
+
+def test_rows_do_not_depend_on_the_other_rows():
+    torch.manual_seed(2)
+    w = torch.randn(4096, 128) * 0.05
+    h = torch.randn(17, 128) * 2
+    head = GreedyHead(w)
+    together = head.argmax(h)
+    alone = torch.cat([head.argmax(h[i : i + 1]) for i in range(17)])
+    assert torch.equal(together, alone)
