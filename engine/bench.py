@@ -2,8 +2,9 @@
 config, interleaved in one process on the same prompts, reported as ratios per prompt kind.
 
 Each prompt runs every method back to back (the order rotated per prompt), `repeats` times; a prompt's
-time per method is the median of its repeats, and a kind's ratio is the median of its prompts' ratios
-(`speedup_vs_plain`) and their geometric mean (`geomean_vs_plain`). Ratios from one process are what we
+time per method is the median of its repeats (or the fastest, `fastest`), and a kind's ratio is the
+median of its prompts' ratios (`speedup_vs_plain`) and their geometric mean (`geomean_vs_plain`).
+Methods that pick the same config for a prompt share its runs. Ratios from one process are what we
 quote: the machine is shared and absolute times drift.
 
 Besides fixed configs, a method may choose a config per prompt (`per_prompt`): the router's choice, the
@@ -80,9 +81,13 @@ class PromptResult:
     steps: dict[str, int] = field(default_factory=dict)
     drafted: dict[str, int] = field(default_factory=dict)
     accepted: dict[str, int] = field(default_factory=dict)
+    fastest: bool = False  # a method's time is its fastest repeat, else the median
+
+    def seconds(self, method: str) -> float:
+        return min(self.times[method]) if self.fastest else statistics.median(self.times[method])
 
     def tps(self, method: str) -> float:
-        return len(self.tokens[method]) / statistics.median(self.times[method])
+        return len(self.tokens[method]) / self.seconds(method)
 
 
 def _hf_generate(engine: Engine, ids: list[int], max_new_tokens: int) -> list[int]:
@@ -99,6 +104,35 @@ def _hf_generate(engine: Engine, ids: list[int], max_new_tokens: int) -> list[in
     return out
 
 
+def method_configs(
+    prompts: list[BenchPrompt],
+    configs: dict[str, DraftConfig],
+    include_hf: bool = True,
+    per_kind: dict[str, DraftConfig] | None = None,
+    per_prompt: dict[str, list[DraftConfig]] | None = None,
+) -> list[dict[str, DraftConfig | None]]:
+    """For each prompt, method -> the config it decodes with (None: HF generate), in method order."""
+    per_prompt = per_prompt or {}
+    for name, cfgs in per_prompt.items():
+        if len(cfgs) != len(prompts):
+            raise ValueError(f"method {name!r} has {len(cfgs)} configs for {len(prompts)} prompts")
+    out = []
+    for i, bp in enumerate(prompts):
+        row: dict[str, DraftConfig | None] = {HF: None} if include_hf else {}
+        row[PLAIN] = DraftConfig.plain()
+        row |= configs
+        if per_kind:
+            row[PER_KIND] = per_kind.get(bp.kind, DraftConfig.plain())
+        row |= {name: cfgs[i] for name, cfgs in per_prompt.items()}
+        out.append(row)
+    return out
+
+
+def count_runs(rows: list[dict[str, DraftConfig | None]], repeats: int = 1) -> int:
+    """Decodes `run_bench` makes: one per distinct config per prompt and repeat."""
+    return sum(len(set(row.values())) for row in rows) * repeats
+
+
 def run_bench(
     engine: Engine,
     prompts: list[BenchPrompt],
@@ -109,55 +143,56 @@ def run_bench(
     on_step=None,
     per_kind: dict[str, DraftConfig] | None = None,
     per_prompt: dict[str, list[DraftConfig]] | None = None,
+    fastest: bool = False,
 ) -> list[PromptResult]:
     """`per_kind` adds a method that decodes each prompt with its kind's config (plain where its kind has
     none): what routing by domain would pick, with the kind known. `per_prompt` adds methods that decode
-    prompt i with their config i (e.g. the router's decision for it, made before timing starts)."""
+    prompt i with their config i (e.g. the router's decision for it, made before timing starts).
+
+    Methods that decode a prompt with the same config share that config's runs (greedy decoding of the
+    same prompt with the same config is the same computation): fewer runs, and two methods differ only
+    on the prompts where their configs differ. `fastest`: a prompt's time per config is its fastest
+    repeat (other load on the machine only ever adds time) instead of the median."""
     params = SamplingParams(max_new_tokens=max_new_tokens)
-    per_prompt = per_prompt or {}
-    for name, cfgs in per_prompt.items():
-        if len(cfgs) != len(prompts):
-            raise ValueError(f"method {name!r} has {len(cfgs)} configs for {len(prompts)} prompts")
-    methods = ([HF] if include_hf else []) + [PLAIN] + list(configs) + ([PER_KIND] if per_kind else []) + list(per_prompt)
+    rows = method_configs(prompts, configs, include_hf, per_kind, per_prompt)
     results = []
     warm = engine.encode_prompt(prompt="Hello")
     # Warm every distinct config once, untimed: the first use of int8 weights or a subset head builds
     # them (seconds), which would otherwise land in whichever timed run comes first.
-    distinct = {DraftConfig.plain(), *configs.values(), *(per_kind or {}).values(), *(c for cs in per_prompt.values() for c in cs)}
+    distinct = {c for row in rows for c in row.values() if c is not None}
     for cfg in sorted(distinct, key=lambda c: c.config_id):
         engine.generate(warm, SamplingParams(max_new_tokens=4), cfg)
-    for i, bp in enumerate(prompts):
+    for i, (bp, row) in enumerate(zip(prompts, rows)):
         ids = engine.encode_prompt(prompt=bp.prompt, messages=list(bp.messages) if bp.messages else None)
-        res = PromptResult(bp.kind)
-        order = methods[i % len(methods) :] + methods[: i % len(methods)]
+        res = PromptResult(bp.kind, fastest=fastest)
+        runs = list(dict.fromkeys(row.values()))  # distinct configs in method order (None: HF)
+        order = runs[i % len(runs) :] + runs[: i % len(runs)]
+        times: dict[DraftConfig | None, list[float]] = {}
+        out: dict[DraftConfig | None, tuple] = {}
         for _ in range(repeats):
-            for m in order:
+            for cfg in order:
                 t0 = time.perf_counter()
-                if m == HF:
-                    toks = _hf_generate(engine, ids, max_new_tokens)
+                if cfg is None:
+                    toks, st = _hf_generate(engine, ids, max_new_tokens), None
                 else:
-                    if m == PLAIN:
-                        cfg = DraftConfig.plain()
-                    elif m == PER_KIND:
-                        cfg = (per_kind or {}).get(bp.kind, DraftConfig.plain())
-                    elif m in per_prompt:
-                        cfg = per_prompt[m][i]
-                    else:
-                        cfg = configs[m]
                     r = engine.generate(ids, params, cfg)
-                    toks = r.token_ids
-                    res.steps[m], res.drafted[m], res.accepted[m] = r.stats.steps, r.stats.drafted, r.stats.accepted
-                res.times.setdefault(m, []).append(time.perf_counter() - t0)
-                res.tokens[m] = toks
+                    toks, st = r.token_ids, r.stats
+                times.setdefault(cfg, []).append(time.perf_counter() - t0)
+                out[cfg] = (toks, st)
                 if on_step:
                     on_step()
+        for m, cfg in row.items():
+            toks, st = out[cfg]
+            res.times[m], res.tokens[m] = list(times[cfg]), toks
+            if st is not None:
+                res.steps[m], res.drafted[m], res.accepted[m] = st.steps, st.drafted, st.accepted
         results.append(res)
     return results
 
 
 def _summary(results: list[PromptResult], method: str, include_hf: bool) -> dict:
     toks = sum(len(r.tokens[method]) for r in results)
-    secs = sum(statistics.median(r.times[method]) for r in results)
+    secs = sum(r.seconds(method) for r in results)
     out = {
         "prompts": len(results),
         "tokens": toks,

@@ -71,6 +71,7 @@ def bench_engine(
     ablation: Annotated[bool, typer.Option(help="Use the ablation set: each draft knob alone, then combined (instead of the hand-picked set; --config adds to it).")] = False,
     per_kind: Annotated[Optional[Path], typer.Option(help="JSON {kind: config}, or an index artefact's manifest.json: adds a 'per-kind' method decoding each prompt with its kind's config.")] = None,
     repeats: Annotated[int, typer.Option(help="Runs of each method per prompt (median taken).")] = 1,
+    fastest: Annotated[bool, typer.Option(help="With --repeats: a prompt's time per method is its fastest repeat, not the median (other load only adds time).")] = False,
     hf: Annotated[bool, typer.Option(help="Include Hugging Face generate as a baseline.")] = True,
     routed: Annotated[bool, typer.Option(help="Add the methods 'routed' (the index router's choice per prompt), 'general' (the index's fallback config for every prompt) and, when kinds name index domains, 'oracle' (each kind's own config); reports where prompts were routed.")] = False,
     index: Annotated[Optional[Path], typer.Option(help="Index artefact for --routed (a root or a version directory; default: the shipped index/artefacts/default).")] = None,
@@ -86,8 +87,8 @@ def bench_engine(
     from rich.table import Table
 
     from engine.bench import (
-        ABLATION_CONFIGS, DEFAULT_CONFIGS, HF, PLAIN, draft_cost, load_per_kind, run_bench, summarize,
-        verify_cost, write_json, write_plot,
+        ABLATION_CONFIGS, DEFAULT_CONFIGS, HF, PLAIN, count_runs, draft_cost, load_per_kind, method_configs, run_bench,
+        summarize, verify_cost, write_json, write_plot,
     )
     from engine.config import DraftConfig
     from engine.generate import Engine
@@ -113,12 +114,12 @@ def bench_engine(
     per_prompt = route.methods if route else {}
     for c in [*configs.values(), *(kind_configs or {}).values(), *(c for cs in per_prompt.values() for c in cs)]:
         c.check_layers(eng.num_layers)
-    n_methods = len(configs) + 1 + int(hf) + int(bool(kind_configs)) + len(per_prompt)
+    n_runs = count_runs(method_configs(plist, configs, hf, kind_configs, per_prompt), repeats)
     with Progress(console=console) as prog:
-        task = prog.add_task("benchmark", total=len(plist) * repeats * n_methods)
+        task = prog.add_task("benchmark", total=n_runs)
         results = run_bench(
             eng, plist, configs, max_new_tokens, repeats, hf, on_step=lambda: prog.advance(task), per_kind=kind_configs,
-            per_prompt=per_prompt,
+            per_prompt=per_prompt, fastest=fastest,
         )  # fmt: skip
         vcost, dcost = {}, {}
         if costs:
@@ -130,6 +131,7 @@ def bench_engine(
         "model": eng.model_id,
         "max_new_tokens": max_new_tokens,
         "repeats": repeats,
+        "fastest": fastest,
         "threads": threads,
         "configs": {n: c.model_dump(mode="json") | {"config_id": c.config_id} for n, c in configs.items()},
         "per_kind_configs": (

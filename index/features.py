@@ -5,8 +5,10 @@ MiniLM reads only the first 256 word pieces of a prompt, so long prompts that di
 (a passage and then a question, a file and then an edit request) look alike to it; these statistics see
 the whole text. They are pure functions of the text (no model), microseconds per prompt.
 
-`index.features` is measured as a routing signal by `scripts/route_features_experiment.py` (appended to
-the embedding, or as a second stage after the nearest domain); see the README for what it found.
+`scripts/route_features_experiment.py` measures them as routing signals (appended to the embedding, or a
+second stage after the nearest domain). They did not help (README, "Domain data and the index"), so the
+router does not use them; the experiment and this module stay so the measurement can be repeated when
+the engine, the corpus or the configs change.
 """
 
 from __future__ import annotations
