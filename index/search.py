@@ -15,6 +15,10 @@
    measured as a variant of the best candidate.
 4. A per-layer profile (agreement when the draft skips only layer i, attention and MLP), computed
    first: it aims the random proposals and is plotted.
+5. Against the general config (when the build passes one, `index.select`): the general candidates are
+   measured in step 3 beside the screened ones, the best measured config is the domain's own, and it is
+   timed against the general config on other prompts of the domain; the domain keeps it only when the
+   interval of own / general clears 1, else it inherits the general config.
 
 The engine is typed by the `SearchEngine` protocol, so tests drive this with a small fake.
 """
