@@ -408,7 +408,7 @@ class LeanModel:
             if kind == "hidden":
                 out[kind] = h
             elif kind == "argmax":
-                out[kind] = self.greedy_head.argmax(h)  # [P]
+                out[kind] = self.greedy_head.argmax(h, self.lm_head)  # [P]
             else:
                 logits = self._logits(h, head)
                 out[kind] = logits.argmax(dim=-1) if kind == "argmax_via_logits" else logits

@@ -43,3 +43,18 @@ def test_rows_do_not_depend_on_the_other_rows():
     together = head.argmax(h)
     alone = torch.cat([head.argmax(h[i : i + 1]) for i in range(17)])
     assert torch.equal(together, alone)
+
+
+def test_many_rows_through_the_fp32_head_give_the_same_tokens():
+    """Verify passes score many rows with the fp32 head and recheck near-best tokens: the same answer as
+    the int8 path row by row, ties included."""
+    torch.manual_seed(3)
+    w = torch.randn(3000, 64) * 0.05
+    w[150] = w[20]
+    h = torch.randn(9, 64) * 2
+    h[4] = w[20] * 40
+    head = GreedyHead(w)
+    via_fp32 = head.argmax(h, lambda x: x @ w.T)
+    row_by_row = torch.cat([head.argmax(h[i : i + 1]) for i in range(9)])
+    assert torch.equal(via_fp32, row_by_row) and torch.equal(via_fp32, _recheck_argmax(w, h))
+    assert int(via_fp32[4]) == 20
