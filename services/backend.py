@@ -5,10 +5,12 @@ The gateway turns an OpenAI request into one `BackendRequest` and reads `Backend
 only has to honour this contract:
 
 - `stream(req)` yields chunks in order. Each carries a text delta and how many tokens it holds.
-- The first chunk should carry `route` (routing happens before decoding) and may carry `usage` with the
-  prompt token count, so headers and aborted-stream accounting can use them.
+- The backend routes the request and reports the route: the first chunk carries `route` (routing happens
+  before decoding) and may carry `usage` with the prompt token count, so headers and aborted-stream
+  accounting can use them. A request with `speculative=False` is decoded plain and its route says so
+  (config "plain"); the backend is the one place that decides this.
 - The last chunk has `finish_reason` set ("stop" or "length"), `usage`, `route` and `stats`
-  (`engine.config.DecodeStats.to_dict()`), and nothing follows it.
+  (`engine.config.DecodeStats.to_dict()`: the one place acceptance is computed), and nothing follows it.
 - Failures are raised as exceptions; `services.errors.to_service_error` maps the known ones
   (prompt too long -> 400, no replica -> 503), anything else is a 500.
 
@@ -18,7 +20,7 @@ Payloads are plain dataclasses so they pickle cheaply across Ray processes.
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
 from engine.config import SamplingParams
@@ -27,10 +29,9 @@ FINISH_REASONS = ("stop", "length")
 
 
 def normalize_finish_reason(reason: str | None) -> str:
-    """OpenAI knows "stop" and "length"; the engine may say "eos", "stop_string", "max_tokens", "context"."""
-    if reason in ("length", "max_tokens", "max_new_tokens", "context", "context_length"):
-        return "length"
-    return "stop"
+    """OpenAI's finish_reason: the engine already says "stop" or "length"; a stream that ended without its
+    last chunk (no reason) counts as "stop"."""
+    return "length" if reason == "length" else "stop"
 
 
 @dataclass(slots=True)
@@ -43,21 +44,12 @@ class BackendRequest:
     sampling: SamplingParams
     prompt: str | None = None  # completions
     messages: list[dict[str, str]] | None = None  # chat: [{"role": ..., "content": ...}], roles system/user/assistant
-    speculative: bool = True  # False: plain decoding for this request (output is the same; only speed differs)
+    speculative: bool = True  # False: decode plain (same output, only speed differs); the backend's route decides
     index_version: str | None = None  # the tenant's pinned index version; None means the current one
 
     def __post_init__(self) -> None:
         if (self.prompt is None) == (self.messages is None):
             raise ValueError("BackendRequest needs exactly one of prompt or messages")
-
-    @property
-    def routing_text(self) -> str:
-        """The text routing embeds: the prompt, or the user turns of a chat."""
-        if self.prompt is not None:
-            return self.prompt
-        assert self.messages is not None
-        users = [m["content"] for m in self.messages if m.get("role") == "user"]
-        return "\n".join(users or [m["content"] for m in self.messages])
 
 
 @dataclass(slots=True)
@@ -74,14 +66,6 @@ class RouteInfo:
     def __post_init__(self) -> None:
         if self.index_version is not None and not isinstance(self.index_version, str):
             self.index_version = str(self.index_version)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "domain": self.domain,
-            "config_id": self.config_id,
-            "index_version": self.index_version,
-            "fallback": self.fallback,
-        }
 
 
 @dataclass(slots=True)

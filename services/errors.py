@@ -189,10 +189,9 @@ def to_service_error(exc: BaseException) -> ServiceError | None:
 def _is_prompt_too_long(exc: BaseException) -> bool:
     # By class when the engine is already loaded in this process (never imported here: it pulls in torch),
     # else by shape: a ValueError carrying prompt_tokens and limit, which is what crosses a Ray boundary.
-    for name in ("engine.errors", "engine.decode"):
-        cls = getattr(sys.modules.get(name), "PromptTooLongError", None)
-        if isinstance(cls, type) and isinstance(exc, cls):
-            return True
+    cls = getattr(sys.modules.get("engine.decode"), "PromptTooLongError", None)
+    if isinstance(cls, type) and isinstance(exc, cls):
+        return True
     return isinstance(exc, ValueError) and hasattr(exc, "prompt_tokens") and hasattr(exc, "limit")
 
 

@@ -34,7 +34,7 @@ from pydantic import BaseModel, ValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect
 
-from services.backend import Backend, BackendChunk, BackendRequest, normalize_finish_reason
+from services.backend import Backend, BackendChunk, BackendRequest, RouteInfo, normalize_finish_reason
 from services.config import AppConfig
 from services.errors import (
     ClientClosed,
@@ -396,7 +396,7 @@ class Gateway:
 
         if req.stream:
             stats.observe_chunk(first)
-            headers.update(_route_headers(stats, req.speculative, final=False))
+            headers.update(_route_headers(stats.route))
             return _LeasedStream(
                 self._sse(it, first, req, chat, stats, tenant, request_id, lease),
                 lease=lease,
@@ -418,7 +418,7 @@ class Gateway:
         await self._account(tenant, stats)
         finish = normalize_finish_reason(stats.finish_reason)
         usage = _usage(stats)
-        info = _knnssd(stats, req.speculative)
+        info = _knnssd(stats)
         resp: BaseModel
         if chat:
             resp = ChatCompletionResponse(
@@ -430,7 +430,7 @@ class Gateway:
                 id=request_id, model=req.model, usage=usage, knnssd=info,
                 choices=[CompletionChoice(text=text, finish_reason=finish)],
             )
-        headers.update(_route_headers(stats, req.speculative, final=True))
+        headers.update(_route_headers(stats.route, info))
         return JSONResponse(resp.model_dump(mode="json"), headers=headers)
 
     async def _collect(self, it: AsyncIterator[BackendChunk], first: BackendChunk, stats: RequestStats) -> str:
@@ -474,7 +474,7 @@ class Gateway:
                     break
                 chunk = await _next(it)
             stats.observe_finish()
-            info = _knnssd(stats, req.speculative)
+            info = _knnssd(stats)
             yield piece(None, normalize_finish_reason(stats.finish_reason), knnssd=info)
             if req.include_usage:
                 usage_chunk = (
@@ -680,15 +680,17 @@ def _usage(stats: RequestStats) -> UsageInfo:
     return UsageInfo(prompt_tokens=p, completion_tokens=c, total_tokens=p + c)
 
 
-def _knnssd(stats: RequestStats, speculative: bool) -> KnnssdInfo:
+def _knnssd(stats: RequestStats) -> KnnssdInfo:
+    """The response's `knnssd` field, built once per response from what the backend reported (its route
+    already says "plain" for a request that turned speculation off)."""
     r = stats.route
     return KnnssdInfo(
         domain=r.domain if r else None,
-        config_id="plain" if not speculative else (r.config_id if r else None),
+        config_id=r.config_id if r else None,
         index_version=r.index_version if r else None,
         fallback=bool(r and r.fallback),
-        speculative=speculative,
-        acceptance_rate=None if stats.acceptance_rate is None else round(stats.acceptance_rate, 4),
+        speculative=stats.speculative,
+        acceptance_rate=stats.acceptance_rate,
         stats=stats.decode,
         replica=stats.replica,
     )
@@ -698,16 +700,15 @@ def _hval(v: Any) -> str:
     return str(v).replace("\r", " ").replace("\n", " ").encode("ascii", "replace").decode()
 
 
-def _route_headers(stats: RequestStats, speculative: bool, final: bool) -> dict[str, str]:
-    """x-knnssd-* headers; a stream's headers leave before decoding, so they carry no acceptance."""
-    info = _knnssd(stats, speculative)
+def _route_headers(route: RouteInfo | None, info: KnnssdInfo | None = None) -> dict[str, str]:
+    """x-knnssd-* headers from the route; with the response's `info`, its acceptance too (a stream's headers
+    leave before decoding, so they carry none)."""
     h = {}
-    if info.domain is not None:
-        h["x-knnssd-domain"] = _hval(info.domain)
-    if info.config_id is not None:
-        h["x-knnssd-config-id"] = _hval(info.config_id)
-    if info.index_version is not None:
-        h["x-knnssd-index-version"] = _hval(info.index_version)
-    if final:
+    if route is not None:
+        for name, value in (("domain", route.domain), ("config-id", route.config_id),
+                            ("index-version", route.index_version)):
+            if value is not None:
+                h[f"x-knnssd-{name}"] = _hval(value)
+    if info is not None:
         h["x-knnssd-acceptance"] = f"{info.acceptance_rate:.4f}" if info.acceptance_rate is not None else "none"
     return h

@@ -333,7 +333,7 @@ def rayservice(cfg: K8sConfig) -> dict[str, Any]:
 
 def rebuild_entrypoint(cfg: K8sConfig) -> str:
     """`python -m index.job ...` for the rebuild: the served model, the shared volume, publish to the app's Redis."""
-    from services.routing import router_key_prefix
+    from services.keys import router_key_prefix
 
     app, r = cfg.app, cfg.rebuild
     args = ["python", "-m", "index.job", "--data", cfg.data.domains_dir, "--out", str(app.index_path),

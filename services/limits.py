@@ -15,7 +15,7 @@ entries older than the window, checks both limits, and admits the request by add
   failure Redis is skipped for a second (`RedisBreaker`), so a hung Redis costs one timeout, not one per
   request. Use a client without retries (`AppConfig.redis_client()`).
 
-Keys: `{prefix}rl:{<tenant>}:req` and `:tok` (the braces keep both in one Redis Cluster slot).
+Keys: `Keys.rate` of `services.keys` (`{prefix}rl:{<tenant>}:req` and `:tok`).
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import redis
 
 from services.errors import ServiceUnavailable
+from services.keys import Keys
 
 _CHECK = """
 local t = redis.call('TIME')
@@ -159,6 +160,7 @@ class RateLimiter:
     ) -> None:
         self.redis = redis_client
         self.prefix = prefix
+        self.keys = Keys(prefix)
         self.window_ms = max(1, int(window_s * 1000))
         self.fail_open = fail_open
         self.redis_errors = 0
@@ -178,8 +180,7 @@ class RateLimiter:
         return res
 
     def _keys(self, tenant: str) -> list[str]:
-        base = f"{self.prefix}rl:{{{tenant}}}"
-        return [base + ":req", base + ":tok"]
+        return list(self.keys.rate(tenant))
 
     def check(self, tenant: str, rpm: int, tpm: int) -> LimitResult:
         """Admit one request of `tenant` (logging it) or refuse it; 0 for a limit means unlimited."""

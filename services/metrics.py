@@ -91,9 +91,10 @@ class RequestStats:
 
     @property
     def acceptance_rate(self) -> float | None:
+        """The engine's (DecodeStats), or None when nothing was drafted (plain decoding, or no stats yet)."""
         if not self.decode or not self.decode.get("drafted"):
             return None
-        return self.decode.get("accepted", 0) / self.decode["drafted"]
+        return self.decode.get("acceptance_rate")
 
 
 class ServiceMetrics:

@@ -1,10 +1,12 @@
 """The gateway's `Backend` over Ray Serve deployment handles: route on the Router, decode on a ModelReplica.
 
-Per request: `router.route.remote(...)` -> `Routed` (draft config + route info), then a streaming call
-`replica.options(stream=True).generate.remote(req, config, info)` whose `BackendChunk`s are passed through
-as they come. Routing is an optimisation: if the Router deployment fails or cannot be reached, the request
-is decoded without speculation (same output) and the route says so (config "plain", fallback). A replica
-that cannot take the request surfaces as Serve's back-pressure error, which the gateway maps to 503.
+Per request: `route(req)` -> `Routed` (draft config + route info), then a streaming call
+`replica.options(stream=True).generate.remote(req, config)` whose `BackendChunk`s are passed through as
+they come, with the route info attached to the first and the last (the replica gets the draft config
+only). `route` is the one place that decides plain decoding: a request with `speculative: false` is not
+routed at all. Routing is an optimisation: if the Router deployment fails or cannot be reached, the
+request is decoded without speculation (same output) and the route says so (config "plain", fallback).
+A replica that cannot take the request surfaces as Serve's back-pressure error, which the gateway maps to 503.
 If the caller stops reading (client gone), the replica call is cancelled so its decode stops. A replica
 that dies under a request surfaces as Ray's actor error, which the gateway maps to 503 + Retry-After;
 `available()` asks Serve's controller whether any ModelReplica is running (for /health).
@@ -20,8 +22,7 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
-from engine.config import DraftConfig
-from services.backend import BackendChunk, BackendRequest, RouteInfo
+from services.backend import BackendChunk, BackendRequest
 from services.routing import Routed
 
 log = logging.getLogger(__name__)
@@ -81,9 +82,9 @@ class RayBackend:
         return False, f"no {name} replica is running ({deployment.status}: {states or 'none'})"
 
     async def route(self, req: BackendRequest) -> Routed:
+        """The draft config and route info for `req`: plain when it turns speculation off, else the Router's."""
         if not req.speculative:  # no draft config is needed; skip the embedding
-            plain = DraftConfig.plain()
-            return Routed(config=plain, info=RouteInfo(config_id=plain.config_id))
+            return Routed.plain()
         try:
             return await self.router.route.remote(req.prompt, req.messages, req.tenant, req.index_version)
         except asyncio.CancelledError:
@@ -91,16 +92,18 @@ class RayBackend:
         except Exception:  # noqa: BLE001 - routing only changes speed; decode plain rather than fail
             self.route_failures += 1
             log.warning("routing request %s failed; decoding it without speculation", req.request_id, exc_info=True)
-            plain = DraftConfig.plain()
-            return Routed(config=plain, info=RouteInfo(config_id=plain.config_id, fallback=True))
+            return Routed.plain(fallback=True)
 
     async def stream(self, req: BackendRequest) -> AsyncIterator[BackendChunk]:
         routed = await self.route(req)
-        gen = self.replica.options(stream=True).generate.remote(req, routed.config, routed.info)
-        finished = False
+        gen = self.replica.options(stream=True).generate.remote(req, routed.config)
+        finished, first = False, True
         try:
             async for chunk in gen:
                 finished = chunk.is_last
+                if first or finished:  # the gateway reads the route from these (services.backend)
+                    chunk.route = routed.info
+                    first = False
                 yield chunk
                 if finished:
                     return

@@ -1,9 +1,10 @@
 """A model replica: one `Engine` and its batching `Scheduler`, decoding many requests at once.
 
-`ModelReplica.generate(req, draft, route)` yields `BackendChunk`s by the contract in `services.backend`:
-the first carries the route, the prompt's token count, the replica's name and its queue depth; the last
-carries finish_reason, usage, route and `DecodeStats.to_dict()`. `req.speculative == False` decodes with
-`DraftConfig.plain()` whatever was routed (same output, only speed differs).
+`ModelReplica.generate(req, draft)` decodes `req` with the draft config it is given (routing, and the
+choice of plain decoding, happened on the gateway's side, which also attaches the route to the chunks)
+and yields `BackendChunk`s by the contract in `services.backend`: the first carries the prompt's token
+count, the replica's name and its queue depth; the last carries finish_reason, usage and
+`DecodeStats.to_dict()` (usage is read from those stats).
 
 One decode thread runs the scheduler loop (torch keeps thread settings per OS thread; the engine is
 not thread-safe, so only that thread touches it after loading); requests join it at the next
@@ -25,7 +26,7 @@ from typing import Any
 
 from engine.config import DraftConfig
 from engine.schedule import QueueFull
-from services.backend import BackendChunk, BackendRequest, RouteInfo, Usage
+from services.backend import BackendChunk, BackendRequest, Usage
 from services.config import AppConfig
 from services.errors import InvalidRequest, ServiceError, ServiceUnavailable, to_service_error
 
@@ -124,12 +125,8 @@ class ModelReplica:
 
     # ---------------------------------------------------------------- decoding
 
-    async def generate(
-        self, req: BackendRequest, draft: DraftConfig | None = None, route: RouteInfo | None = None
-    ) -> AsyncIterator[BackendChunk]:
-        """Decode `req` with `draft` (plain when the request turns speculation off, or none was given)."""
-        if draft is None or not req.speculative:
-            draft = DraftConfig.plain()
+    async def generate(self, req: BackendRequest, draft: DraftConfig) -> AsyncIterator[BackendChunk]:
+        """Decode `req` with `draft`, chunk by chunk (see the module docstring)."""
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
 
@@ -163,25 +160,21 @@ class ModelReplica:
                 raise
             raise mapped from None
         depth = self.queue_depth
-        first, done, tokens = True, False, 0
+        first, done = True, False
         try:
             while True:
                 tok_ids, text, finish, stats = await queue.get()
                 if finish == "cancelled":
                     raise ServiceUnavailable("The request was cancelled by the replica.")
-                n = len(tok_ids)
-                tokens += n
-                chunk = BackendChunk(text=text, tokens=n)
+                chunk = BackendChunk(text=text, tokens=len(tok_ids))
                 if first:
-                    chunk.route = route
                     chunk.usage = Usage(prompt_tokens=len(ids))
                     chunk.replica = self.name
                     chunk.queue_depth = depth
                     first = False
                 if finish is not None:
                     chunk.finish_reason = finish
-                    chunk.usage = Usage(prompt_tokens=len(ids), completion_tokens=tokens)
-                    chunk.route = route
+                    chunk.usage = Usage(prompt_tokens=stats["prompt_tokens"], completion_tokens=stats["new_tokens"])
                     chunk.stats = stats
                     done = True
                     self.served += 1

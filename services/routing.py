@@ -11,9 +11,8 @@ Only versions that fit the served model are routed with: the router checks the w
 embedder and every draft config against the model directory (`served_model`) at start and on each reload,
 and keeps the old version when a new one does not fit (`stats()["reload_rejected"]` counts why).
 
-Redis key names: the router's own names already start with `knnssd:` (`knnssd:index:current`,
-`knnssd:route:...`), so its key prefix is `AppConfig.redis_prefix` without a trailing `knnssd:`; with the
-default prefix the service reads exactly the key `python -m index.job --redis-url ...` publishes.
+Redis key names follow `services.keys`: the router is given `Keys(AppConfig.redis_prefix).router_prefix`,
+so with the default prefix the service reads exactly the key `python -m index.job --redis-url ...` publishes.
 """
 
 from __future__ import annotations
@@ -29,10 +28,9 @@ from typing import Any, Protocol
 from engine.config import DraftConfig
 from services.backend import RouteInfo
 from services.config import AppConfig
+from services.keys import Keys
 
 log = logging.getLogger(__name__)
-
-ROUTER_NAMESPACE = "knnssd:"
 
 
 @dataclass(slots=True)
@@ -42,6 +40,12 @@ class Routed:
     config: DraftConfig
     info: RouteInfo
     similarity: float | None = None
+
+    @classmethod
+    def plain(cls, *, fallback: bool = False) -> Routed:
+        """Decode without speculation, and say so: config "plain" (`fallback`: routing failed)."""
+        config = DraftConfig.plain()
+        return cls(config=config, info=RouteInfo(config_id=config.config_id, fallback=fallback))
 
 
 class RouterLike(Protocol):
@@ -53,11 +57,6 @@ class RouterLike(Protocol):
     def route(self, prompt: str | None = None, *, messages: Any = None, tenant: str = "default") -> Any: ...
 
     def close(self) -> None: ...
-
-
-def router_key_prefix(redis_prefix: str) -> str:
-    """The router's key prefix for a service prefix (see the module docstring)."""
-    return redis_prefix[: -len(ROUTER_NAMESPACE)] if redis_prefix.endswith(ROUTER_NAMESPACE) else redis_prefix
 
 
 def default_index_root() -> Path:
@@ -91,7 +90,7 @@ def router_config(config: AppConfig, index_root: str | Path | None = None):
     root = Path(index_root) if index_root is not None else resolve_index_root(config)
     return RouterConfig(
         redis_url=config.redis_url,
-        key_prefix=router_key_prefix(config.redis_prefix),
+        key_prefix=Keys(config.redis_prefix).router_prefix,
         index_root=str(root),
     )
 

@@ -5,7 +5,7 @@ lookup is one step), then verified against `sha256(salt + key)` with `hmac.compa
 random 256-bit secrets, so a fast hash is enough; the salt keeps equal keys from hashing equally.
 
 Tenants come from a YAML file (static, read at start) and/or Redis (added and removed at runtime by
-`knnssd tenants ...`). Redis layout under the prefix:
+`knnssd tenants ...`). Redis layout under the prefix (names from `services.keys`):
     {prefix}tenants       hash  name   -> tenant JSON (no key, only its id, salt and hash)
     {prefix}tenant_keys   hash  key_id -> name
     {prefix}tenants:events  pub/sub channel: {"event": "added"|"removed", "key_id": ...}
@@ -41,6 +41,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from services.errors import ServiceUnavailable
+from services.keys import Keys
 from services.limits import RedisBreaker, RedisSkipped
 
 log = logging.getLogger(__name__)
@@ -214,6 +215,7 @@ class TenantStore:
     ) -> None:
         self.redis = redis_client
         self.prefix = prefix
+        self.keys = Keys(prefix)
         self.cache_s = cache_s
         self._static = {t.key_id: t for t in tenants}
         self._cache: dict[str, tuple[Tenant, float]] = {}
@@ -229,15 +231,15 @@ class TenantStore:
 
     @property
     def _tenants_key(self) -> str:
-        return self.prefix + "tenants"
+        return self.keys.tenants
 
     @property
     def _keys_key(self) -> str:
-        return self.prefix + "tenant_keys"
+        return self.keys.tenant_keys
 
     @property
     def events_channel(self) -> str:
-        return self.prefix + "tenants:events"
+        return self.keys.tenant_events
 
     # -- request path
 

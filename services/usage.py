@@ -1,8 +1,8 @@
 """Per-tenant usage counters in Redis: requests, prompt tokens, completion tokens, in total and per UTC day.
 
 Written once per finished request (one MULTI transaction of HINCRBYs), read by `GET /v1/usage`, which
-only ever asks for the calling tenant's own counters. Keys: `{prefix}usage:{tenant}` (total) and
-`{prefix}usage:{tenant}:{YYYY-MM-DD}` (daily, expiring after `day_ttl_s`). A failed write is reported
+only ever asks for the calling tenant's own counters. Keys (`services.keys`): `{prefix}usage:{tenant}` (total)
+and `{prefix}usage:{tenant}:{YYYY-MM-DD}` (daily, expiring after `day_ttl_s`). A failed write is reported
 (False) and counted by the caller, never raised: usage accounting must not fail a finished request.
 """
 
@@ -14,6 +14,7 @@ import redis
 from pydantic import BaseModel, Field
 
 from services.errors import ServiceUnavailable
+from services.keys import Keys
 from services.limits import RedisBreaker, RedisSkipped
 
 FIELDS = ("requests", "prompt_tokens", "completion_tokens")
@@ -47,13 +48,13 @@ class UsageStore:
     def __init__(self, redis_client: redis.Redis, prefix: str = "knnssd:", day_ttl_s: int = 40 * 86400) -> None:
         self.redis = redis_client
         self.prefix = prefix
+        self.keys = Keys(prefix)
         self.day_ttl_s = day_ttl_s
         self.redis_errors = 0
         self.breaker = RedisBreaker()
 
     def _key(self, tenant: str, day: dt.date | None = None) -> str:
-        base = f"{self.prefix}usage:{tenant}"
-        return base if day is None else f"{base}:{day.isoformat()}"
+        return self.keys.usage(tenant, None if day is None else day.isoformat())
 
     def record(self, tenant: str, prompt_tokens: int, completion_tokens: int) -> bool:
         day_key = self._key(tenant, _today())

@@ -12,6 +12,7 @@ import openai
 import pytest
 import uvicorn
 
+from router.route import routing_text
 from services.backend import BackendChunk, BackendRequest, RouteInfo, Usage
 from services.config import AppConfig, HttpConfig, LimitsConfig
 from services.gateway import build_gateway_app
@@ -35,8 +36,9 @@ class EchoBackend:
 
     async def stream(self, req: BackendRequest):
         self.last = req
-        words = req.routing_text.split()[: req.sampling.max_new_tokens]
-        route = RouteInfo(domain="chat", config_id="ssd-echo", index_version="9")
+        words = routing_text(req.prompt, req.messages).split()[: req.sampling.max_new_tokens]
+        route = RouteInfo(domain="chat", config_id="ssd-echo", index_version="9") if req.speculative else RouteInfo(
+            config_id="plain")  # the backend decides plain decoding and its route says so (services.backend)
         for i, w in enumerate(words):
             last = i == len(words) - 1
             if "slow" in words:
@@ -45,7 +47,7 @@ class EchoBackend:
                 text=w if i == 0 else " " + w, tokens=1, route=route if i == 0 or last else None,
                 usage=Usage(len(words), len(words)) if last else None,
                 finish_reason="stop" if last else None,
-                stats={"drafted": 4, "accepted": 4, "steps": 1} if last else None,
+                stats={"drafted": 4, "accepted": 4, "steps": 1, "acceptance_rate": 1.0} if last else None,
             )
 
 

@@ -35,7 +35,7 @@ class FakeBackend:
         yield BackendChunk(text="a", tokens=1, route=route, usage=Usage(2, 0))
         yield BackendChunk(text=" b", tokens=1)
         yield BackendChunk(text=" c", tokens=1, finish_reason="stop", route=route, usage=Usage(2, 3),
-                           stats={"drafted": 2, "accepted": 2, "steps": 1})
+                           stats={"drafted": 2, "accepted": 2, "steps": 1, "acceptance_rate": 1.0})
 
 
 @pytest.fixture

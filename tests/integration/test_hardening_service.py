@@ -36,7 +36,8 @@ from services.config import (
 )
 from services.errors import PROXY_CALLBACK, PROXY_CALLBACK_ENV, ServiceUnavailable
 from services.redis_server import free_port
-from services.routing import Routed, router_key_prefix
+from services.keys import router_key_prefix
+from services.routing import Routed
 
 sys.path.insert(0, str(Path(__file__).parent))
 from test_service_app import CONFIGS, write_index, write_manifest  # noqa: E402
@@ -63,13 +64,13 @@ class QueueReplica:
     def __init__(self, config=None) -> None:
         self.config = config
 
-    async def generate(self, req, draft=None, route=None):
+    async def generate(self, req, draft):
         if "FULL" in (req.prompt or ""):
             raise ServiceUnavailable("The replica's queue is full.", retry_after_s=7.0)
         if "SLOW" in (req.prompt or ""):
             await asyncio.sleep(3.0)
-        yield BackendChunk(text="ok", tokens=1, route=RouteInfo(config_id="plain"), usage=Usage(1, 1),
-                           finish_reason="stop", stats={"drafted": 0, "accepted": 0, "steps": 1})
+        yield BackendChunk(text="ok", tokens=1, usage=Usage(1, 1), finish_reason="stop",
+                           stats={"drafted": 0, "accepted": 0, "steps": 1})
 
 
 class PlainRouter:

@@ -20,7 +20,7 @@ import pytest
 from engine.config import DraftConfig
 from services.config import AppConfig, DeploymentSettings, DeploymentsConfig, GenerationConfig, HttpConfig, LimitsConfig
 from services.redis_server import free_port
-from services.routing import router_key_prefix
+from services.keys import router_key_prefix
 
 pytestmark = pytest.mark.slow
 

@@ -17,7 +17,8 @@ from services.config import AppConfig
 from services.errors import InvalidRequest
 from services.ray_backend import RayBackend
 from services.replica import ModelReplica
-from services.routing import Routed, RouterService, router_key_prefix
+from services.keys import router_key_prefix
+from services.routing import Routed, RouterService
 from tests.tiny import tiny_engine
 
 
@@ -80,12 +81,12 @@ def test_replica_streams_by_the_backend_contract():
     eng = FakeEngine()
     rep = ModelReplica(AppConfig(), engine=eng, threads=1, name="rep-1")
     req = _req(n=12)
-    chunks = asyncio.run(_collect(rep.generate(req, CFG, ROUTE)))
+    chunks = asyncio.run(_collect(rep.generate(req, CFG)))
     ids, solo = _solo(eng, req)
     first, last = chunks[0], chunks[-1]
-    assert first.route == ROUTE and first.usage.prompt_tokens == len(ids) and first.replica == "rep-1"
+    assert first.usage.prompt_tokens == len(ids) and first.replica == "rep-1"
     assert first.queue_depth == 1 and first.tokens >= 1
-    assert last.is_last and last.finish_reason == solo.finish_reason and last.route == ROUTE
+    assert last.is_last and last.finish_reason == solo.finish_reason
     assert last.usage.prompt_tokens == len(ids) and last.usage.completion_tokens == len(solo.token_ids)
     assert last.stats["drafted"] > 0 and last.stats["new_tokens"] == len(solo.token_ids)
     assert "".join(c.text for c in chunks) == solo.text
@@ -96,13 +97,16 @@ def test_replica_streams_by_the_backend_contract():
     rep.shutdown()
 
 
-def test_replica_plain_when_speculation_is_off():
+def test_plain_when_speculation_is_off():
+    # decided once, by the backend's route step; the replica decodes with the config it is handed
     eng = FakeEngine()
-    rep = ModelReplica(AppConfig(), engine=eng, threads=1)
-    asyncio.run(_collect(rep.generate(_req(speculative=False), CFG, ROUTE)))
-    asyncio.run(_collect(rep.generate(_req(), None, None)))
+    rh = FakeReplicaHandle(ModelReplica(AppConfig(), engine=eng, threads=1))
+    be = RayBackend(FakeRouterHandle(), rh, ["smollm2"])
+    chunks = asyncio.run(_collect(be.stream(_req(speculative=False))))
+    asyncio.run(_collect(rh.replica.generate(_req(), DraftConfig.plain())))
     assert eng.drafts == [DraftConfig.plain(), DraftConfig.plain()]
-    rep.shutdown()
+    assert chunks[0].route.config_id == chunks[-1].route.config_id == "plain" and not chunks[0].route.fallback
+    rh.replica.shutdown()
 
 
 def test_replica_decodes_concurrent_requests_together_with_their_solo_output():
@@ -111,7 +115,7 @@ def test_replica_decodes_concurrent_requests_together_with_their_solo_output():
     reqs = [_req(prompt=p, n=10 + 3 * i) for i, p in enumerate(["a b c", "d e f g h i", "j k"])]
 
     async def main():
-        return await asyncio.gather(*(_collect(rep.generate(r, CFG, ROUTE)) for r in reqs))
+        return await asyncio.gather(*(_collect(rep.generate(r, CFG)) for r in reqs))
 
     results = asyncio.run(main())
     for r, chunks in zip(reqs, results):
@@ -127,11 +131,11 @@ def test_replica_abandoned_stream_frees_its_slot():
     rep = ModelReplica(AppConfig(), engine=eng, threads=1)
 
     async def main():
-        agen = rep.generate(_req(n=50), CFG, ROUTE)
+        agen = rep.generate(_req(n=50), CFG)
         await agen.__anext__()
         await agen.__anext__()
         await agen.aclose()  # the client went away
-        return await _collect(rep.generate(_req(n=2), CFG, ROUTE))
+        return await _collect(rep.generate(_req(n=2), CFG))
 
     second = asyncio.run(main())
     assert second[-1].usage.completion_tokens == 2
@@ -150,10 +154,10 @@ def test_replica_full_queue_is_a_503_with_retry_after():
     rep = ModelReplica(cfg, engine=FakeEngine(delay=0.01), threads=1)
 
     async def main():
-        first = rep.generate(_req(n=40), CFG, ROUTE)
+        first = rep.generate(_req(n=40), CFG)
         await first.__anext__()  # decoding: the only slot is taken
         with pytest.raises(ServiceUnavailable) as info:
-            await _collect(rep.generate(_req(n=2), CFG, ROUTE))
+            await _collect(rep.generate(_req(n=2), CFG))
         await first.aclose()
         return info.value
 
@@ -167,7 +171,7 @@ def test_replica_bad_messages_are_a_400():
     req = BackendRequest(request_id="r", tenant="t", model="m", sampling=SamplingParams(),
                          messages=[{"role": "tool", "content": "x"}])
     with pytest.raises(InvalidRequest):
-        asyncio.run(_collect(rep.generate(req, CFG, ROUTE)))
+        asyncio.run(_collect(rep.generate(req, CFG)))
     assert rep.queue_depth == 0
     rep.shutdown()
 
@@ -179,7 +183,7 @@ def test_replica_prompt_too_long_crosses_processes_as_a_400():
 
     rep = ModelReplica(AppConfig(), engine=FakeEngine(max_seq_len=100), threads=1)
     with pytest.raises(PromptTooLong) as info:
-        asyncio.run(_collect(rep.generate(_req(prompt="w " * 74 + "w"), CFG, ROUTE)))
+        asyncio.run(_collect(rep.generate(_req(prompt="w " * 74 + "w"), CFG)))
     back = pickle.loads(pickle.dumps(info.value))  # what Ray does with a deployment's exception
     assert type(back) is PromptTooLong and back.status == 400 and back.code == "context_length_exceeded"
     assert "150" in back.message and rep.queue_depth == 0
@@ -312,8 +316,8 @@ class FakeReplicaHandle:
         self.stream = stream
         return self
 
-    def _generate(self, req, draft, route):
-        g = FakeGen(self.replica.generate(req, draft, route))
+    def _generate(self, req, draft):
+        g = FakeGen(self.replica.generate(req, draft))
         self.gens.append(g)
         return g
 
@@ -325,6 +329,7 @@ def test_ray_backend_routes_then_streams():
     chunks = asyncio.run(_collect(be.stream(_req(n=2))))
     assert rh.stream is True and eng.drafts == [CFG]
     assert chunks[0].route == ROUTE and chunks[-1].is_last and not rh.gens[0].cancelled
+    assert chunks[-1].route == ROUTE  # the backend attaches the route; the replica never sees it
     assert be.models() == ["smollm2"]
 
 

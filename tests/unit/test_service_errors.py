@@ -38,12 +38,20 @@ def test_mapping():
 
 
 def test_engine_class_is_recognised_when_loaded():
-    import sys
+    from engine.decode import PromptTooLongError  # the module errors.py looks the class up in
 
-    decode = sys.modules.get("engine.decode")
-    if decode is None:  # do not import torch just for this; the duck-typed path covers it
-        return
-    assert E.to_service_error(decode.PromptTooLongError(2000, 1024)).status == 400
+    e = E.to_service_error(PromptTooLongError(2000, 1024))
+    assert isinstance(e, E.PromptTooLong) and e.status == 400 and "2000" in e.message
+    assert E._is_prompt_too_long(PromptTooLongError(2000, 1024))
+    # by class, not only by shape: a subclass that hides the attributes is still recognised
+    bare = type("Bare", (PromptTooLongError,), {"__getattribute__": _hide_shape})(2000, 1024)
+    assert E._is_prompt_too_long(bare)
+
+
+def _hide_shape(self, name):
+    if name in ("prompt_tokens", "limit"):
+        raise AttributeError(name)
+    return object.__getattribute__(self, name)
 
 
 def test_pickle_keeps_fields():

@@ -7,6 +7,7 @@ import json
 import pytest
 from fastapi.testclient import TestClient
 
+from router.route import routing_text
 from services.backend import Backend, BackendChunk, BackendRequest, RouteInfo, Usage
 from services.config import AppConfig, GenerationConfig, HttpConfig
 from services.gateway import build_gateway_app
@@ -41,7 +42,7 @@ class FakeBackend:
 
     async def stream(self, req: BackendRequest):
         self.requests.append(req)
-        text = req.routing_text
+        text = routing_text(req.prompt, req.messages)
         if "TOO_LONG" in text:
             raise TooLong(5000, 1024)
         if "BUSY" in text:
@@ -49,7 +50,9 @@ class FakeBackend:
         if "CRASH" in text:
             raise RuntimeError("boom")
         words = self.REPLY.split(" ")[: req.sampling.max_new_tokens]
-        route = RouteInfo(domain="chat", config_id="ssd-abc", index_version=3, cache_hit=True)
+        # the backend decides plain decoding and its route says so (services.backend)
+        route = (RouteInfo(domain="chat", config_id="ssd-abc", index_version=3, cache_hit=True) if req.speculative
+                 else RouteInfo(config_id="plain"))
         n_prompt = len(text.split())
         for i, w in enumerate(words):
             if "MIDSTREAM" in text and i == 2:
@@ -61,7 +64,7 @@ class FakeBackend:
                 route=route if (i == 0 or last) else None,
                 usage=Usage(n_prompt, len(words)) if (i == 0 or last) else None,
                 finish_reason=("length" if len(words) < 7 else "stop") if last else None,
-                stats={"drafted": 8, "accepted": 6, "steps": 3} if last else None,
+                stats={"drafted": 8, "accepted": 6, "steps": 3, "acceptance_rate": 0.75} if last else None,
                 replica="replica-0" if last else None,
                 queue_depth=1 if last else None,
             )
