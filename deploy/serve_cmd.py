@@ -1,14 +1,14 @@
 """`knnssd serve`: the whole service on this machine in one command.
 
-Starts a local Ray that listens on loopback only, with token auth on (`services.ray_local`: nothing of Ray
-is reachable from another machine, and local processes need the per-run token), finds the Redis at the config's URL or
-starts a throwaway `redis-server`, resolves the index (the config's `index_path`, else the shipped
+Starts a local Ray that listens on loopback only, with token auth on (`deploy.ray_local`: nothing of Ray
+is reachable from another machine, and local processes need the per-run token), finds the Redis at the
+config's URL or starts a throwaway `redis-server` (`router.redis_server`), resolves the index (the config's `index_path`, else the shipped
 default), creates the dev tenant with a known key, runs the Serve app (`services.app.build_app`) and
 blocks, printing the URL, the key and a curl line. Ctrl-C (or SIGTERM) shuts Serve, Ray and a Redis it
 started down cleanly.
 
-`--write-serve-config` regenerates `services/serve_config.yaml` (for `serve run` / `serve deploy`) from
-the AppConfig defaults; a test checks the shipped file is up to date.
+`--write-serve-config` regenerates `deploy/serve_config.yaml` (for `serve run` / `serve deploy`) from
+the AppConfig defaults (`deploy.serve_config`); a test checks the shipped file is up to date.
 """
 
 from __future__ import annotations
@@ -22,29 +22,11 @@ from pathlib import Path
 from typing import Optional
 
 import typer
-import yaml
+
+from deploy.serve_config import SERVE_CONFIG_PATH, render_serve_config
 
 DEV_TENANT = "dev"
 DEV_KEY = "sk-knnssd-dev"  # documented in the README; override with --dev-key or $KNNSSD_DEV_KEY
-SERVE_CONFIG_PATH = Path(__file__).with_name("serve_config.yaml")
-CANONICAL_REDIS_URL = "redis://127.0.0.1:6379/0"
-
-_HEADER = """\
-# Ray Serve config for the KNN-SSD service: `serve run services/serve_config.yaml` (local) or
-# `serve deploy services/serve_config.yaml` (a running cluster); KubeRay takes the same content under
-# `serveConfigV2`. Generated from services.config.AppConfig by `knnssd serve --write-serve-config`;
-# do not edit by hand (a test checks it is up to date). It needs a Redis at `redis_url` and tenants
-# added with `knnssd tenants add NAME`; `knnssd serve` does all of that by itself.
-"""
-
-
-def render_serve_config(config=None) -> str:
-    """The Serve config YAML for `config` (default: AppConfig defaults with the standard local Redis URL)."""
-    from services.config import AppConfig
-
-    if config is None:
-        config = AppConfig(redis_url=CANONICAL_REDIS_URL)
-    return _HEADER + yaml.safe_dump(config.serve_config(), sort_keys=False, width=120)
 
 
 def ensure_dev_tenant(store, key: str, name: str = DEV_TENANT):
@@ -129,14 +111,14 @@ def serve(
 
     local = ray_address == "local"
     if local:
-        from services.ray_local import local_ray_env
+        from deploy.ray_local import local_ray_env
 
         os.environ.update(local_ray_env())
     else:  # joining a cluster: its own auth settings apply
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from services.config import AppConfig
-    from services.redis_server import find_or_start_redis
+    from router.redis_server import find_or_start_redis
     from services.routing import resolve_index_root
     from services.tenants import TenantStore
 
@@ -181,7 +163,7 @@ def serve(
 
         t0 = time.perf_counter()
         env = {k: os.environ[k] for k in ("RAY_AUTH_MODE", "HF_HUB_OFFLINE", "KNNSSD_CACHE") if k in os.environ}
-        from services.ray_local import HOOK, LOCAL_INIT
+        from deploy.ray_local import HOOK, LOCAL_INIT
 
         runtime_env: dict = {"env_vars": env}
         if local:
@@ -226,6 +208,6 @@ def serve(
         _say("stopped.")
 
 
-if __name__ == "__main__":  # python -m services.serve_cmd
+if __name__ == "__main__":  # python -m deploy.serve_cmd
     typer.run(serve)
     sys.exit(0)
