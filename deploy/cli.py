@@ -1,4 +1,5 @@
-"""The `knnssd` command line: one root that mounts each stage's commands.
+"""The `knnssd` command line: one root that mounts each stage's commands (the top floor: it may import
+every other package, none imports it).
 
 Each stage keeps its commands next to its code; heavy imports (torch, ray) happen inside the
 commands so `knnssd --help` stays instant.
@@ -11,10 +12,10 @@ import typer
 from engine.cli import bench_engine, generate
 from index.cli import index_app
 from router.bench import bench_route
-from services.bench_serve import bench_serve
-from services.k8s_cli import k8s_app
-from services.serve_cmd import serve
-from services.tenants_cli import tenants_app
+from deploy.bench_serve import bench_serve
+from deploy.k8s_cli import k8s_app
+from deploy.serve_cmd import serve
+from deploy.tenants_cli import tenants_app
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="KNN-SSD serving.")
 bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks: each runs both sides in one process.")

@@ -18,14 +18,14 @@ DEFAULT_OUT = Path(__file__).resolve().parent.parent / "k8s"
 @k8s_app.command("render")
 def render_cmd(
     config: Optional[Path] = typer.Option(
-        None, "--config", "-c", help="K8s config YAML (services.k8s.K8sConfig; its `app:` is an AppConfig). Default: the defaults."
+        None, "--config", "-c", help="K8s config YAML (deploy.k8s.K8sConfig; its `app:` is an AppConfig). Default: the defaults."
     ),
     out: Path = typer.Option(DEFAULT_OUT, "--out", "-o", help="Directory to write (default: the repository's k8s/)."),
 ) -> None:
     """Write the RayService, RayJob, Redis, Secret, PVC and kustomization manifests generated from the config."""
     from pydantic import ValidationError
 
-    from services.k8s import K8sConfig, write
+    from deploy.k8s import K8sConfig, write
 
     try:
         cfg = K8sConfig.load(config)
@@ -42,7 +42,7 @@ def seed_cmd(
     index: Path = typer.Option(..., "--index", help="Index artefact root on the shared volume."),
 ) -> None:
     """Copy the bundled domain data and the image's default index onto an empty volume (never overwrites)."""
-    from services.k8s import seed_data
+    from deploy.k8s import seed_data
 
     done = seed_data(domains, index)
     typer.echo("seeded: " + "; ".join(done) if done else "volume already seeded; nothing copied", err=True)

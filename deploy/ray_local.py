@@ -15,7 +15,7 @@ from __future__ import annotations
 import secrets
 from typing import Any
 
-HOOK = "services.ray_local.bind_loopback"
+HOOK = "deploy.ray_local.bind_loopback"
 
 # ray.init arguments besides the address
 LOCAL_INIT: dict[str, Any] = {"_node_ip_address": "127.0.0.1", "dashboard_host": "127.0.0.1", "include_dashboard": False}

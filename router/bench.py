@@ -107,7 +107,7 @@ def run_bench(
     from router.reload import StaticSource
     from router.route import Router, routing_text
     from router.stats import RouteStats, percentile
-    from services.redis_server import find_or_start_redis
+    from router.redis_server import find_or_start_redis
 
     embedder = MiniLMEmbedder(progress=False)
     tmp = None

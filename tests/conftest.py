@@ -13,7 +13,7 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
 @pytest.fixture(scope="session")
 def redis_url():
-    from services.redis_server import find_or_start_redis
+    from router.redis_server import find_or_start_redis
 
     url, proc = find_or_start_redis(os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0"))
     yield url

@@ -18,7 +18,7 @@ LINES = [
 
 def test_routed_bench_on_a_tiny_file(tmp_path):
     from index.artefact import DEFAULT_ROOT, load_artefact
-    from services.cli import app
+    from deploy.cli import app
 
     prompts = tmp_path / "tiny.jsonl"
     prompts.write_text("".join(json.dumps(x) + "\n" for x in LINES))

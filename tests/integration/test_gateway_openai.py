@@ -18,7 +18,7 @@ from services.config import AppConfig, HttpConfig, LimitsConfig
 from services.gateway import build_gateway_app
 from services.limits import RateLimiter
 from services.metrics import ServiceMetrics
-from services.redis_server import free_port
+from router.redis_server import free_port
 from services.tenants import TenantStore
 from services.usage import UsageStore
 

@@ -35,7 +35,7 @@ from services.config import (
     LimitsConfig,
 )
 from services.errors import PROXY_CALLBACK, PROXY_CALLBACK_ENV, ServiceUnavailable
-from services.redis_server import free_port
+from router.redis_server import free_port
 from services.keys import router_key_prefix
 from services.routing import Routed
 

@@ -22,9 +22,9 @@ from services.config import AppConfig, LimitsConfig
 from services.gateway import build_gateway_app
 from services.limits import RateLimiter
 from services.metrics import ServiceMetrics
-from services.redis_server import free_port, start_redis_server
+from router.redis_server import free_port, start_redis_server
 from services.tenants import TenantStore
-from services.tenants_cli import tenants_app
+from deploy.tenants_cli import tenants_app
 from services.usage import UsageStore
 
 MODEL = "smollm2"

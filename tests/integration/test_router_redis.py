@@ -290,7 +290,7 @@ def test_tenant_pinned_to_old_version(embedder, centroids, redis_url, redis_pref
 
 @pytest.mark.slow
 def test_redis_killed_mid_run_then_restarted(embedder, centroids, root):
-    from services.redis_server import start_redis_server
+    from router.redis_server import start_redis_server
 
     url, proc = start_redis_server()
     port = int(url.rsplit(":", 1)[1].split("/")[0])

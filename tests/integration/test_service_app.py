@@ -19,7 +19,7 @@ import pytest
 
 from engine.config import DraftConfig
 from services.config import AppConfig, DeploymentSettings, DeploymentsConfig, GenerationConfig, HttpConfig, LimitsConfig
-from services.redis_server import free_port
+from router.redis_server import free_port
 from services.keys import router_key_prefix
 
 pytestmark = pytest.mark.slow

@@ -15,7 +15,7 @@ import pytest
 
 from services.config import AppConfig, AutoscalingSettings, DeploymentSettings, DeploymentsConfig, GenerationConfig
 from services.config import HttpConfig, LimitsConfig, RayActorOptions
-from services.redis_server import free_port
+from router.redis_server import free_port
 
 pytestmark = pytest.mark.slow
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from services.redis_server import free_port
+from router.redis_server import free_port
 
 pytestmark = pytest.mark.slow
 

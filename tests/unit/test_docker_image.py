@@ -83,7 +83,7 @@ def test_cpu_base_by_default_and_cuda_by_build_argument():
 
 
 def test_bakes_the_model_and_index_and_runs_as_the_pods_user():
-    from services import k8s
+    from deploy import k8s
     from services.config import AppConfig
 
     env = " ".join(_args("ENV"))
@@ -112,7 +112,7 @@ def test_dockerignore_drops_local_state_but_keeps_the_sources():
         return any(fnmatch.fnmatch(p, pat.replace("**/", "*")) or fnmatch.fnmatch(p, pat) for pat in patterns for p in prefixes)
 
     assert ignored(".venv/bin/python") and ignored("out/bench.json") and ignored("engine/__pycache__/x.pyc")
-    needed = ["docker/install.sh", "pyproject.toml", "README.md", "engine/load.py", "services/app.py",
+    needed = ["docker/install.sh", "pyproject.toml", "README.md", "engine/load.py", "services/app.py", "deploy/cli.py",
               "index/data/default/code.jsonl", "router/route.py"]
     assert [p for p in needed if ignored(p)] == []
     assert all((ROOT / p).exists() for p in needed)

@@ -26,7 +26,7 @@ from services.errors import (
 )
 from services.gateway import build_gateway_app, check_json_values
 from services.metrics import HttpMetricsMiddleware, ServiceMetrics
-from services.redis_server import free_port
+from router.redis_server import free_port
 from services.tenants import Tenant, TenantStore
 
 

@@ -1,4 +1,4 @@
-"""`knnssd index ...` commands (the typer app mounted by services/cli.py)."""
+"""`knnssd index ...` commands (the typer app mounted by deploy/cli.py)."""
 
 from __future__ import annotations
 

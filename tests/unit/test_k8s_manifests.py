@@ -2,7 +2,7 @@
 
 Core kinds (and the pod templates nested in the RayService) are checked against the Kubernetes JSON
 schemas bundled with `kubernetes-validate`, in strict mode (unknown fields are errors); the KubeRay kinds
-against the strict models of `services.k8s_models` and their JSON Schema export in k8s/schemas/; the
+against the strict models of `deploy.k8s_models` and their JSON Schema export in k8s/schemas/; the
 `serveConfigV2` string against Ray's own `ServeDeploySchema` and the service's `AppConfig`.
 """
 
@@ -16,9 +16,9 @@ from pathlib import Path, PurePosixPath
 import pytest
 import yaml
 
-from services import k8s
+from deploy import k8s
 from services.config import AppConfig
-from services.k8s_models import CUSTOM_KINDS, Kustomization, RayJob, RayService
+from deploy.k8s_models import CUSTOM_KINDS, Kustomization, RayJob, RayService
 
 ROOT = Path(__file__).resolve().parents[2]
 K8S = ROOT / "k8s"

@@ -9,8 +9,8 @@ import yaml
 from pydantic import BaseModel, ValidationError
 from typer.testing import CliRunner
 
-from services import k8s
-from services.k8s import K8sConfig
+from deploy import k8s
+from deploy.k8s import K8sConfig
 
 
 def _flatten(node, prefix=()) -> dict[tuple, object]:
@@ -121,7 +121,7 @@ def _models(cls: type[BaseModel], seen: set) -> None:
 
 
 def test_every_config_field_has_a_description():
-    from services import k8s_models
+    from deploy import k8s_models
 
     seen: set = set()
     _models(K8sConfig, seen)
@@ -132,7 +132,7 @@ def test_every_config_field_has_a_description():
 
 
 def test_cli_renders_a_config_file_and_keeps_an_existing_tenants_file(tmp_path):
-    from services.cli import app
+    from deploy.cli import app
 
     conf = tmp_path / "k8s.yaml"
     conf.write_text("image: example/knnssd:2\ngpu_workers: {max_replicas: 6}\n")
