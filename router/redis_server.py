@@ -1,7 +1,8 @@
 """Find a Redis that answers, or start a throwaway `redis-server` (no persistence) and return its URL.
 
-The service's one-command start and the test suite both rely on this, so a machine without a running
-Redis still works as long as the `redis-server` binary exists.
+`knnssd serve`, `knnssd bench route` and the test suite rely on this, so a machine without a running
+Redis still works as long as the `redis-server` binary exists. It sits on the router's floor so that
+the router bench can use it without importing the services above it.
 """
 
 from __future__ import annotations
