@@ -99,6 +99,8 @@ def serve(
     ray_address: str = typer.Option(
         "local", "--ray-address", help="Ray to run on: 'local' starts a private local instance; 'auto' or an address joins a cluster."
     ),
+    device: Optional[str] = typer.Option(None, "--device", help="Model replicas' device: cpu, cuda, cuda:N or auto (default: the config's, auto)."),
+    dtype: Optional[str] = typer.Option(None, "--dtype", help="float32, bfloat16, float16 or auto (default: the config's, auto: fp32 on CPU, bf16 on GPU)."),
     write_serve_config: bool = typer.Option(
         False, "--write-serve-config", help=f"Regenerate {SERVE_CONFIG_PATH.name} from the config defaults and exit."
     ),
@@ -123,6 +125,8 @@ def serve(
     from services.tenants import TenantStore
 
     cfg = AppConfig.load(config)
+    if device or dtype:
+        cfg = cfg.model_copy(update={"engine": cfg.engine.model_copy(update={k: v for k, v in (("device", device), ("dtype", dtype)) if v})})
     if host or port:
         cfg = cfg.model_copy(update={"http": cfg.http.model_copy(update={k: v for k, v in (("host", host), ("port", port)) if v})})
     redis_url, redis_proc = find_or_start_redis(cfg.redis_url)

@@ -36,12 +36,14 @@ def generate(
     max_draft: Annotated[int, typer.Option(help="Most draft tokens per verify pass.")] = 4,
     confidence: Annotated[float, typer.Option(help="Stop drafting below this top-1 probability.")] = 0.6,
     speculative: Annotated[bool, typer.Option(help="Use self-speculative decoding.")] = True,
+    device: Annotated[str, typer.Option(help="cpu, cuda, cuda:N or auto.")] = "cpu",
+    dtype: Annotated[str, typer.Option(help="float32, bfloat16, float16 or auto (fp32 on CPU, bf16 on GPU).")] = "auto",
 ) -> None:
     """Generate text for one prompt, streaming it, then print the decode stats."""
     from engine.config import DraftConfig, SamplingParams
     from engine.generate import Engine
 
-    eng = Engine.load(model)
+    eng = Engine.load(model, device=device, dtype=dtype)
     draft = (
         DraftConfig(skip_attn=_layers(skip_attn), skip_mlp=_layers(skip_mlp), max_draft=max_draft, confidence=confidence)
         if speculative

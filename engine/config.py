@@ -15,6 +15,8 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 
+# Knobs added after ids were first stored (artefacts, Redis caches): left out of the id when at their
+# default, so an old config keeps its id. A new knob goes here.
 _ID_STABLE_DEFAULTS = ("model_draft",)
 
 
@@ -76,11 +78,24 @@ class DraftConfig(BaseModel):
         if not self.enabled:
             return "plain"
         fields = self.model_dump(mode="json")
-        for name in _ID_STABLE_DEFAULTS:  # knobs added later leave earlier ids (stored in artefacts) unchanged
+        for name in _ID_STABLE_DEFAULTS:
             if fields[name] == type(self).model_fields[name].default:
                 del fields[name]
         blob = json.dumps(fields, sort_keys=True).encode()
         return "ssd-" + hashlib.sha256(blob).hexdigest()[:10]
+
+    @classmethod
+    def from_options(cls, options: list[str] | tuple[str, ...], base: dict | None = None) -> DraftConfig:
+        """A config from `knob=value` strings (CLI flags generated from the fields, so every knob is
+        settable without listing it): layer sets as '1,2,5-8', booleans as true/false, JSON otherwise."""
+        data = dict(base or {})
+        for opt in options:
+            name, sep, value = opt.partition("=")
+            name = name.strip().replace("-", "_")
+            if not sep or name not in cls.model_fields:
+                raise ValueError(f"expected KNOB=VALUE with KNOB one of {', '.join(cls.model_fields)}; got {opt!r}")
+            data[name] = _option_value(name, value.strip())
+        return cls.model_validate(data)
 
     def check_layers(self, num_layers: int) -> None:
         bad = [i for i in self.skip_attn + self.skip_mlp if i >= num_layers]
@@ -90,6 +105,53 @@ class DraftConfig(BaseModel):
     @classmethod
     def plain(cls) -> DraftConfig:
         return cls(enabled=False)
+
+
+def _option_value(name: str, value: str):
+    if name in ("skip_attn", "skip_mlp"):
+        out: list[int] = []
+        for part in filter(None, (p.strip() for p in value.split(","))):
+            lo, dash, hi = part.partition("-")
+            out.extend(range(int(lo), int(hi) + 1) if dash else [int(lo)])
+        return out
+    try:
+        return json.loads(value)
+    except json.JSONDecodeError:
+        return value  # a bare string (quantize=int4)
+
+
+@dataclass(frozen=True)
+class KnobSpace:
+    """How the index search explores one draft knob (generated proposals, TPE, the ablation)."""
+
+    kind: Literal["layers", "int", "float", "choice"]
+    low: float = 0.0
+    high: float = 0.0
+    step: float = 1.0
+    choices: tuple = ()
+    screened: bool = True  # teacher-forced screening sees its effect; lookup and adaptivity only show when timed
+    alone: object = None  # the value the ablation sets on a plain model draft to show this knob alone
+
+    def values(self) -> tuple:
+        if self.kind == "choice":
+            return self.choices
+        n = int(round((self.high - self.low) / self.step))
+        vals = [self.low + i * self.step for i in range(n + 1)]
+        return tuple(int(v) for v in vals) if self.kind == "int" else tuple(round(v, 4) for v in vals)
+
+
+# The one table of draft knobs: the search space, the bench ablation and the CLI come from it (with
+# `DraftConfig`'s fields). A knob missing here is not searched (enabled, model_draft, target_acceptance).
+KNOBS: dict[str, KnobSpace] = {
+    "skip_attn": KnobSpace("layers"),
+    "skip_mlp": KnobSpace("layers"),
+    "max_draft": KnobSpace("int", 2, 12, 1),
+    "confidence": KnobSpace("float", 0.0, 0.9, 0.05),
+    "quantize": KnobSpace("choice", choices=("none", "int8", "int4"), alone="int4"),
+    "draft_vocab": KnobSpace("choice", choices=(0, 8192), alone=8192),
+    "prompt_lookup": KnobSpace("choice", choices=(0, 2, 3), screened=False, alone=3),
+    "adaptive": KnobSpace("choice", choices=(False, True), screened=False, alone=True),
+}
 
 
 class RuntimeSettings(BaseModel):
