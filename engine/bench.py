@@ -93,8 +93,8 @@ class PromptResult:
 def _hf_generate(engine: Engine, ids: list[int], max_new_tokens: int) -> list[int]:
     with torch.inference_mode():
         out = engine.hf_model.generate(
-            torch.tensor([ids]),
-            attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+            torch.tensor([ids], device=engine.device),
+            attention_mask=torch.ones(1, len(ids), dtype=torch.long, device=engine.device),
             max_new_tokens=max_new_tokens,
             do_sample=False,
             pad_token_id=engine.tokenizer.eos_token_id,

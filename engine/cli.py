@@ -80,6 +80,8 @@ def bench_engine(
     costs: Annotated[bool, typer.Option(help="Measure the verify cost by tokens and each config's draft cost after the runs.")] = True,
     limit: Annotated[int, typer.Option(help="Use at most this many prompts per kind (0: all).")] = 0,
     threads: Annotated[int, typer.Option(help="torch threads.")] = 2,
+    device: Annotated[str, typer.Option(help="cpu, cuda, cuda:N or auto.")] = "cpu",
+    dtype: Annotated[str, typer.Option(help="float32, bfloat16, float16 or auto (fp32 on CPU, bf16 on GPU).")] = "auto",
     json_out: Annotated[Optional[Path], typer.Option("--json", help="Write the report as JSON here.")] = None,
     plot: Annotated[Optional[Path], typer.Option(help="PNG plot path (default: next to --json, else bench-engine.png).")] = None,
 ) -> None:
@@ -104,7 +106,7 @@ def bench_engine(
         seen: dict[str, int] = {}
         plist = [p for p in plist if seen.setdefault(p.kind, 0) < limit and not seen.__setitem__(p.kind, seen[p.kind] + 1)]
     console = Console(stderr=True)
-    eng = Engine.load(model, threads=threads)
+    eng = Engine.load(model, threads=threads, device=device, dtype=dtype)
     route = None
     if routed:  # routing imports (MiniLM, FAISS) only when asked; decisions are made before any timing
         from router.offline import load_index, routed_methods
@@ -131,6 +133,8 @@ def bench_engine(
     table = summarize(results, configs, hf, per_prompt=list(per_prompt))
     report = {
         "model": eng.model_id,
+        "device": str(eng.device),
+        "dtype": str(eng.dtype).replace("torch.", ""),
         "max_new_tokens": max_new_tokens,
         "repeats": repeats,
         "fastest": fastest,

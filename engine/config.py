@@ -15,9 +15,13 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 
-# Knobs added after ids were first stored (artefacts, Redis caches): left out of the id when at their
-# default, so an old config keeps its id. A new knob goes here.
-_ID_STABLE_DEFAULTS = ("model_draft",)
+# The knobs that existed when ids were first stored (artefacts, Redis caches): always hashed. Any knob
+# added since is hashed only when it differs from its default, so adding one changes no stored id and
+# needs no edit here.
+_ID_FIRST_KNOBS = frozenset({
+    "enabled", "skip_attn", "skip_mlp", "max_draft", "confidence", "adaptive", "target_acceptance", "quantize",
+    "draft_vocab", "prompt_lookup",
+})
 
 
 class DraftConfig(BaseModel):
@@ -77,10 +81,8 @@ class DraftConfig(BaseModel):
         """Short stable id: the same knobs always give the same id (used in metrics and responses)."""
         if not self.enabled:
             return "plain"
-        fields = self.model_dump(mode="json")
-        for name in _ID_STABLE_DEFAULTS:
-            if fields[name] == type(self).model_fields[name].default:
-                del fields[name]
+        later = self.model_dump(mode="json", exclude=set(_ID_FIRST_KNOBS), exclude_defaults=True)
+        fields = self.model_dump(mode="json", include=set(_ID_FIRST_KNOBS)) | later
         blob = json.dumps(fields, sort_keys=True).encode()
         return "ssd-" + hashlib.sha256(blob).hexdigest()[:10]
 

@@ -93,7 +93,7 @@ class Engine:
         if self._hf is None:
             if self.path is None:
                 raise RuntimeError("this engine was not loaded from a model directory")
-            self._hf = load_hf_model(self.path)
+            self._hf = load_hf_model(self.path).to(device=self.device, dtype=self.dtype)
         return self._hf
 
     def _eos_ids(self) -> frozenset[int]:

@@ -123,3 +123,17 @@ def test_config_id_is_stable_across_added_knobs():
     assert c.config_id == expect
     assert DraftConfig(skip_mlp=(1, 3), quantize="int8", model_draft=False).config_id != expect
     assert DraftConfig.plain().config_id == "plain"
+
+
+def test_a_knob_added_with_a_default_changes_no_id():
+    from pydantic import Field
+
+    from engine.config import DraftConfig
+
+    class WithNewKnob(DraftConfig):  # a knob added later, as a new field with a default
+        new_knob: int = Field(0, description="a knob that did not exist when ids were stored")
+
+    for c in (DraftConfig(skip_mlp=[1, 3], quantize="int8"), DraftConfig(prompt_lookup=3, model_draft=False)):
+        same = WithNewKnob(**c.model_dump())
+        assert same.config_id == c.config_id
+        assert WithNewKnob(**c.model_dump(), new_knob=2).config_id != c.config_id
