@@ -10,18 +10,6 @@ from typing import Annotated, Optional
 import typer
 
 
-def _layers(spec: str) -> tuple[int, ...]:
-    """'1,2,5-8' -> (1, 2, 5, 6, 7, 8)."""
-    out: list[int] = []
-    for part in filter(None, (p.strip() for p in spec.split(","))):
-        if "-" in part:
-            a, b = part.split("-")
-            out.extend(range(int(a), int(b) + 1))
-        else:
-            out.append(int(part))
-    return tuple(out)
-
-
 def generate(
     prompt: Annotated[str, typer.Argument(help="The prompt (sent as one user turn when the model has a chat template).")],
     model: Annotated[str, typer.Option(help="Bundled model name or a local Hugging Face model directory.")] = "smollm2",
@@ -35,6 +23,7 @@ def generate(
     skip_mlp: Annotated[str, typer.Option(help="Draft: layers whose MLP is skipped.")] = "",
     max_draft: Annotated[int, typer.Option(help="Most draft tokens per verify pass.")] = 4,
     confidence: Annotated[float, typer.Option(help="Stop drafting below this top-1 probability.")] = 0.6,
+    draft: Annotated[Optional[list[str]], typer.Option(help="Draft knob as KNOB=VALUE, any DraftConfig field (e.g. quantize=int8, prompt_lookup=3, skip_mlp=20-23); repeatable, overrides the flags above.")] = None,
     speculative: Annotated[bool, typer.Option(help="Use self-speculative decoding.")] = True,
     device: Annotated[str, typer.Option(help="cpu, cuda, cuda:N or auto.")] = "cpu",
     dtype: Annotated[str, typer.Option(help="float32, bfloat16, float16 or auto (fp32 on CPU, bf16 on GPU).")] = "auto",
@@ -43,24 +32,25 @@ def generate(
     from engine.config import DraftConfig, SamplingParams
     from engine.generate import Engine
 
+    # the named flags are the common knobs; --draft reaches every other one without a flag of its own
+    flags = [f"skip_attn={skip_attn}", f"skip_mlp={skip_mlp}", f"max_draft={max_draft}", f"confidence={confidence}"]
+    try:
+        config = DraftConfig.from_options([*flags, *(draft or [])]) if speculative else DraftConfig.plain()
+    except ValueError as e:  # pydantic's ValidationError is one too
+        raise typer.BadParameter(str(e), param_hint="--draft") from None
     eng = Engine.load(model, device=device, dtype=dtype)
-    draft = (
-        DraftConfig(skip_attn=_layers(skip_attn), skip_mlp=_layers(skip_mlp), max_draft=max_draft, confidence=confidence)
-        if speculative
-        else DraftConfig.plain()
-    )
     params = SamplingParams(
         max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,
         stop=tuple(stop or ()),
     )
     last = None
-    for out in eng.stream(eng.encode_prompt(prompt=prompt), params, draft):
+    for out in eng.stream(eng.encode_prompt(prompt=prompt), params, config):
         sys.stdout.write(out.text)
         sys.stdout.flush()
         last = out
     sys.stdout.write("\n")
     assert last is not None
-    stats = last.stats.to_dict() | {"config_id": draft.config_id, "tokens_per_s": round(
+    stats = last.stats.to_dict() | {"config_id": config.config_id, "tokens_per_s": round(
         last.stats.new_tokens / last.stats.time_total, 2) if last.stats.time_total else 0.0}
     typer.echo(json.dumps(stats, indent=2), err=True)
 

@@ -124,7 +124,9 @@ def _option_value(name: str, value: str):
 
 @dataclass(frozen=True)
 class KnobSpace:
-    """How the index search explores one draft knob (generated proposals, TPE, the ablation)."""
+    """How the index search and the bench ablation explore one draft knob. The search derives its
+    proposals, TPE space and configs from this table; `index.search.SearchSettings.knobs` may narrow a
+    knob's values."""
 
     kind: Literal["layers", "int", "float", "choice"]
     low: float = 0.0
@@ -132,7 +134,12 @@ class KnobSpace:
     step: float = 1.0
     choices: tuple = ()
     screened: bool = True  # teacher-forced screening sees its effect; lookup and adaptivity only show when timed
-    alone: object = None  # the value the ablation sets on a plain model draft to show this knob alone
+    alone: object = None  # the value the bench ablation sets to show this knob alone (None: not in the ablation)
+    label: str = ""  # the ablation config's name for it (default: the knob's name)
+    # None: the knob does not make a full-depth draft pay on its own, so its ablation config rides on the
+    # bench's skip draft and random proposals skip at least one sub-layer. Otherwise the other fields of its
+    # ablation config (it drafts with no layer skipped), and a proposal with it off its default may skip none.
+    alone_with: dict | None = None
 
     def values(self) -> tuple:
         if self.kind == "choice":
@@ -144,14 +151,20 @@ class KnobSpace:
 
 # The one table of draft knobs: the search space, the bench ablation and the CLI come from it (with
 # `DraftConfig`'s fields). A knob missing here is not searched (enabled, model_draft, target_acceptance).
+# A new knob: its `DraftConfig` field, its row here and the drafter code that reads it.
 KNOBS: dict[str, KnobSpace] = {
     "skip_attn": KnobSpace("layers"),
     "skip_mlp": KnobSpace("layers"),
     "max_draft": KnobSpace("int", 2, 12, 1),
     "confidence": KnobSpace("float", 0.0, 0.9, 0.05),
-    "quantize": KnobSpace("choice", choices=("none", "int8", "int4"), alone="int4"),
-    "draft_vocab": KnobSpace("choice", choices=(0, 8192), alone=8192),
-    "prompt_lookup": KnobSpace("choice", choices=(0, 2, 3), screened=False, alone=3),
+    # int8 alone is the ablation's precision (int4 is measured in the combined configs)
+    "quantize": KnobSpace(
+        "choice", choices=("none", "int8", "int4"), alone="int8", label="int8", alone_with={"max_draft": 6, "confidence": 0.3}
+    ),
+    "draft_vocab": KnobSpace("choice", choices=(0, 8192), alone=8192, label="vocab8k"),
+    "prompt_lookup": KnobSpace(
+        "choice", choices=(0, 2, 3), screened=False, alone=3, label="lookup", alone_with={"model_draft": False, "max_draft": 8}
+    ),
     "adaptive": KnobSpace("choice", choices=(False, True), screened=False, alone=True),
 }
 

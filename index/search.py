@@ -4,9 +4,10 @@
 2. Screening (SWIFT's "matchness"): for a candidate, the teacher-forced fraction of continuation
    positions where the draft's argmax equals the continuation (`Engine.draft_agreement`), turned into an
    expected speedup with a cost model of the draft (`proxy_speedup`, calibrated by one timed run per
-   draft precision). The space: attention/MLP skip sets, max_draft, confidence, int8 draft weights and
-   a vocabulary-subset draft head. Candidates come from seeded starting points, sparse random proposals
-   aimed by a per-layer profile, and optuna's TPE sampler; `budget` candidates in all, seeded.
+   draft precision). The space: the screened knobs of `engine.config.KNOBS` (attention/MLP skip sets,
+   max_draft, confidence, draft precision, a vocabulary-subset draft head; nothing here lists them),
+   narrowed by `SearchSettings.knobs`. Candidates come from seeded starting points, sparse random
+   proposals aimed by a per-layer profile, and optuna's TPE sampler; `budget` candidates in all, seeded.
 3. Measurement (Draft&Verify's objective): the top `n_measure` candidates and plain decoding run on the
    same prompts, interleaved, for a few rounds; each (config, prompt) keeps its fastest round (other load
    only adds time) and a candidate's speedup is the median over prompts of plain time / its time. It must
@@ -32,12 +33,12 @@ import statistics
 import time
 import warnings
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from engine.config import DecodeStats, DraftConfig, SamplingParams
+from engine.config import KNOBS, DecodeStats, DraftConfig, KnobSpace, SamplingParams
 from index.select import DomainChoice, Measurement, SelectSettings, choose_domain, domain_configs, measure
 
 log = logging.getLogger(__name__)
@@ -87,18 +88,49 @@ class SearchSettings(BaseModel):
     protect_first: int = Field(1, ge=0, description="Leading layers never skipped (early layers matter most for drafts).")
     protect_last: int = Field(1, ge=0, description="Trailing layers never skipped.")
     max_skip_fraction: float = Field(0.35, gt=0.0, le=1.0, description="Random proposals skip at most this share of the searchable sub-layers.")
-    max_draft_range: tuple[int, int] = Field((2, 8), description="Inclusive range searched for max_draft.")
-    confidence_range: tuple[float, float] = Field((0.0, 0.9), description="Inclusive range searched for the early-stop confidence (step 0.05).")
+    knobs: dict[str, tuple] = Field(
+        # what the search screened before KNOBS existed (max_draft 2-8, fp32 and int8 drafts), so a build
+        # with the default settings screens the same candidates as earlier builds
+        default_factory=lambda: {"max_draft": (2, 8), "quantize": ("none", "int8")},
+        description="Narrows the values searched for screened knobs of engine.config.KNOBS: (low, high), inclusive, for an "
+        "int or float knob (on its KNOBS step), the choices for a choice knob; a knob not named is searched over all its KNOBS values.",
+    )
     head_cost: float = Field(0.12, ge=0.0, le=1.0, description="Cost model: share of a full pass spent outside decoder layers (embedding, final norm, LM head).")
     attn_share: float = Field(0.4, ge=0.0, le=1.0, description="Cost model: share of a decoder layer's cost spent in attention (the rest in the MLP).")
     verify_token_cost: float = Field(0.06, ge=0.0, description="Cost model: extra cost of each additional verified token, as a fraction of a 1-token pass.")
     calibrate: bool = Field(True, description="Calibrate the cost model's draft-pass cost from one measured speculative run per draft precision.")
     layer_profile_prompts: int = Field(2, ge=0, description="Prompts for the per-layer agreement profile (0 disables it).")
-    quantize_choices: tuple[str, ...] = Field(("none", "int8"), description="Draft weight precisions searched (DraftConfig.quantize).")
-    draft_vocab_choices: tuple[int, ...] = Field((0, 8192), description="Draft LM-head sizes searched (DraftConfig.draft_vocab; 0 = full vocabulary).")
     prompt_lookup_variant: int = Field(3, ge=0, le=8, description="Also measure the best candidate with prompt lookup of this n-gram size (0: never).")
     int8_cost: float = Field(0.6, gt=0.0, description="Cost model: cost of an int8 draft layer relative to an fp32 one (before calibration).")
     subset_head_cost: float = Field(0.25, gt=0.0, le=1.0, description="Cost model: cost of a vocabulary-subset draft head relative to the full head.")
+
+    @field_validator("knobs")
+    @classmethod
+    def _narrows_screened_knobs(cls, v: dict[str, tuple]) -> dict[str, tuple]:
+        # only narrowing: KNOBS stays the one place that says what a knob's values can be
+        for name, vals in v.items():
+            space = KNOBS.get(name)
+            if space is None or space.kind == "layers" or not space.screened:
+                raise ValueError(f"knobs: {name!r} is not a screened knob of engine.config.KNOBS")
+            if space.kind == "choice":
+                ok = len(vals) > 0 and all(x in space.choices for x in vals)
+            else:
+                ok = len(vals) == 2 and space.low <= vals[0] <= vals[1] <= space.high
+            if not ok:
+                raise ValueError(f"knobs: {name}={tuple(vals)} does not narrow KNOBS' {space.values()}")
+        return v
+
+    def space(self) -> dict[str, KnobSpace]:
+        """The knobs screening searches besides the layer sets, in KNOBS order, narrowed by `knobs`."""
+        out = {}
+        for name, space in KNOBS.items():
+            if space.kind == "layers" or not space.screened:
+                continue
+            vals = self.knobs.get(name)
+            if vals is not None:
+                space = replace(space, choices=tuple(vals)) if space.kind == "choice" else replace(space, low=vals[0], high=vals[1])
+            out[name] = space
+        return out
 
 
 class Candidate(BaseModel):
@@ -170,15 +202,23 @@ def searchable_layers(num_layers: int, s: SearchSettings) -> list[int]:
     return list(range(min(s.protect_first, num_layers), max(num_layers - s.protect_last, 0)))
 
 
+def layer_knobs() -> list[str]:
+    """The skip-set knobs: searched per sub-layer (one 0/1 parameter each), not as one value."""
+    return [name for name, space in KNOBS.items() if space.kind == "layers"]
+
+
+def _sub(knob: str, i: int) -> str:
+    return f"{knob.removeprefix('skip_')}_{i}"  # 'attn_3': the parameter names TPE has always seen
+
+
 def params_to_config(params: dict[str, Any], layers: Sequence[int]) -> DraftConfig:
-    return DraftConfig(
-        skip_attn=tuple(i for i in layers if params.get(f"attn_{i}", 0)),
-        skip_mlp=tuple(i for i in layers if params.get(f"mlp_{i}", 0)),
-        max_draft=int(params["max_draft"]),
-        confidence=round(float(params["confidence"]), 4),
-        quantize=params.get("quantize", "none"),
-        draft_vocab=int(params.get("draft_vocab", 0)),
-    )
+    knobs: dict[str, Any] = {k: tuple(i for i in layers if params.get(_sub(k, i), 0)) for k in layer_knobs()}
+    for name, space in KNOBS.items():
+        if space.kind != "layers" and name in params:
+            v = params[name]
+            # TPE's float steps leave noise (0.30000000000000004): rounded, so equal configs compare equal
+            knobs[name] = int(v) if space.kind == "int" else round(float(v), 4) if space.kind == "float" else v
+    return DraftConfig(**knobs)
 
 
 def _weighted_sample(rng: random.Random, items: list, weights: list[float], n: int) -> list:
@@ -195,49 +235,52 @@ def layer_weights(layers: Sequence[int], profile: Sequence[float]) -> dict[int, 
     return {i: max(float(profile[i]), 0.01) ** 4 for i in layers}
 
 
+def _pays_alone(space: KnobSpace) -> bool:
+    return space.alone_with is not None
+
+
 def random_params(
     rng: random.Random, layers: Sequence[int], s: SearchSettings, weights: dict[int, float] | None = None
 ) -> dict[str, Any]:
     """A sparse random proposal: a few sub-layers skipped (dense random sets draft badly), drawn by
-    `weights` (per layer) when given; none skipped is allowed when a cheaper precision is searched."""
-    subs = [(kind, i) for i in layers for kind in ("attn", "mlp")]
+    `weights` (per layer) when given; every other searched knob uniform over its values. Knobs that make a
+    full-depth draft pay (a cheaper precision) are drawn first: off their default, none skipped is allowed."""
+    space = s.space()
+    p: dict[str, Any] = {k: rng.choice(sp.values()) for k, sp in space.items() if _pays_alone(sp)}
+    subs = [(k, i) for i in layers for k in layer_knobs()]
     top = max(1, int(round(s.max_skip_fraction * len(subs)))) if subs else 0
-    quantize = rng.choice(list(s.quantize_choices))
-    low = 0 if quantize != "none" else 1
+    low = 0 if any(v != DraftConfig.model_fields[k].default for k, v in p.items()) else 1
     n = rng.randint(low, top) if top else 0
     w = [(weights or {}).get(i, 1.0) for _, i in subs]
     chosen = set(_weighted_sample(rng, subs, w, n)) if n else set()
-    p: dict[str, Any] = {f"{kind}_{i}": int((kind, i) in chosen) for kind, i in subs}
-    p["max_draft"] = rng.randint(*s.max_draft_range)
-    steps = int(round((s.confidence_range[1] - s.confidence_range[0]) / 0.05))
-    p["confidence"] = round(s.confidence_range[0] + 0.05 * rng.randint(0, steps), 4)
-    p["quantize"] = quantize
-    p["draft_vocab"] = rng.choice(list(s.draft_vocab_choices))
+    p |= {_sub(k, i): int((k, i) in chosen) for k, i in subs}
+    p |= {k: rng.choice(sp.values()) for k, sp in space.items() if not _pays_alone(sp)}
     return p
 
 
+def _start(name: str, space: KnobSpace) -> Any:
+    """A seed's value of a knob: its DraftConfig default, moved into the searched values."""
+    default = DraftConfig.model_fields[name].default
+    if space.kind == "choice":
+        return default if default in space.choices else space.choices[0]
+    return min(max(default, space.low), space.high)
+
+
 def seed_params(
-    layers: Sequence[int],
-    s: SearchSettings,
-    n_skip: int,
-    weights: dict[int, float] | None = None,
-    quantize: str = "none",
-    draft_vocab: int = 0,
+    layers: Sequence[int], s: SearchSettings, n_skip: int, weights: dict[int, float] | None = None, **fixed: Any
 ) -> dict[str, Any]:
     """A deterministic starting point: the MLPs of the `n_skip` layers cheapest to skip by `weights`
-    (ties and no weights: spread evenly over the searchable range)."""
+    (ties and no weights: spread evenly over the searchable range); other knobs at their default unless
+    `fixed` (e.g. quantize="int8")."""
     spread = [layers[int(j * len(layers) / n_skip)] for j in range(n_skip)] if n_skip and layers else []
     if weights:
         rank = sorted(layers, key=lambda i: (-weights.get(i, 0.0), i not in spread, i))
         chosen = set(rank[:n_skip])
     else:
         chosen = set(spread)
-    p: dict[str, Any] = {f"{k}_{i}": 0 for i in layers for k in ("attn", "mlp")}
-    p.update({f"mlp_{i}": 1 for i in chosen})
-    p["max_draft"] = min(max(4, s.max_draft_range[0]), s.max_draft_range[1])
-    p["confidence"] = min(max(0.5, s.confidence_range[0]), s.confidence_range[1])
-    p["quantize"] = quantize
-    p["draft_vocab"] = draft_vocab
+    p: dict[str, Any] = {_sub(k, i): 0 for i in layers for k in layer_knobs()}
+    p.update({_sub("skip_mlp", i): 1 for i in chosen})
+    p |= {k: fixed.get(k, _start(k, sp)) for k, sp in s.space().items()}
     return p
 
 
@@ -246,12 +289,22 @@ def seed_list(layers: Sequence[int], s: SearchSettings, weights: dict[int, float
     model on int8 copies with and without a few skips and a subset head: the drafts measured best here."""
     few, more = max(1, len(layers) // 8), max(1, len(layers) // 4)
     seeds = [seed_params(layers, s, few, weights), seed_params(layers, s, more, weights)]
-    if "int8" in s.quantize_choices:
-        vocab = max(s.draft_vocab_choices)
-        seeds.append(seed_params(layers, s, 0, weights, "int8", 0))
-        seeds.append(seed_params(layers, s, 0, weights, "int8", vocab))
-        seeds.append(seed_params(layers, s, few, weights, "int8", vocab))
+    space = s.space()
+    if "int8" in space["quantize"].values():
+        vocab = max(space["draft_vocab"].values())
+        seeds.append(seed_params(layers, s, 0, weights, quantize="int8", draft_vocab=0))
+        seeds.append(seed_params(layers, s, 0, weights, quantize="int8", draft_vocab=vocab))
+        seeds.append(seed_params(layers, s, few, weights, quantize="int8", draft_vocab=vocab))
     return seeds
+
+
+def _suggest(trial: Any, name: str, space: KnobSpace) -> Any:
+    """TPE's value for one knob, on the knob's searched values."""
+    if space.kind == "int":
+        return trial.suggest_int(name, int(space.low), int(space.high), step=int(space.step))
+    if space.kind == "float":
+        return trial.suggest_float(name, space.low, space.high, step=space.step)
+    return trial.suggest_categorical(name, list(space.choices))
 
 
 # ------------------------------------------------------------------------------------------ the search
@@ -380,10 +433,12 @@ def search_domain(
 
         # calibrate the draft cost from one real speculative run per draft precision: measured draft
         # pass / verify pass, over what the cost model predicts for that probe
-        scales = {q: 1.0 for q in s.quantize_choices}
+        precisions = s.space()["quantize"].values()
+        scales = {q: 1.0 for q in precisions}
         if s.calibrate:
-            for q in s.quantize_choices:
-                probe = params_to_config(seed_params(layers, s, max(1, len(layers) // 4), weights, q, 0), layers)
+            for q in precisions:
+                start = seed_params(layers, s, max(1, len(layers) // 4), weights, quantize=q, draft_vocab=0)
+                probe = params_to_config(start, layers)
                 agreement(probe, prepared[:1])  # first use of a precision may build its weights: not timed
                 st = engine.generate(prepared[0].ids, greedy, probe).stats
                 if st.time_draft > 0 and st.time_verify > 0 and st.steps > 0 and st.drafted > 0:
@@ -416,11 +471,8 @@ def search_domain(
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
                 trial = study.ask()
-                params = {f"{k}_{i}": trial.suggest_int(f"{k}_{i}", 0, 1) for i in layers for k in ("attn", "mlp")}
-                params["max_draft"] = trial.suggest_int("max_draft", *s.max_draft_range)
-                params["confidence"] = trial.suggest_float("confidence", *s.confidence_range, step=0.05)
-                params["quantize"] = trial.suggest_categorical("quantize", list(s.quantize_choices))
-                params["draft_vocab"] = trial.suggest_categorical("draft_vocab", list(s.draft_vocab_choices))
+                params = {_sub(k, i): trial.suggest_int(_sub(k, i), 0, 1) for i in layers for k in layer_knobs()}
+                params |= {k: _suggest(trial, k, sp) for k, sp in s.space().items()}
             cfg = params_to_config(params, layers)
             if cfg in seen:  # a repeat: tell TPE the known value, do not spend budget on it
                 study.tell(trial, seen[cfg].proxy)
