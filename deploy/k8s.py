@@ -29,6 +29,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from deploy.serve_config import serve_config_yaml
+from index.job import JOB_DEFAULTS
+from index.settings import BuildSettings
 from services.config import AppConfig
 
 RAYCLUSTER_PLACEHOLDER = "RAYCLUSTER_NAME"
@@ -119,8 +121,9 @@ class DataVolumeSettings(_Config):
 
 
 class RebuildSettings(_Config):
-    budget: int = Field(24, ge=1, description="Candidate draft configs screened per domain (`index.job --budget`).")
-    workers: int = Field(2, ge=1, description="Domain searches running at once as Ray tasks (`--workers`).")
+    # The job's own defaults (index/settings.py declares every build setting once; index/job.py the job's).
+    budget: int = Field(BuildSettings.model_fields["budget"].default, ge=1, description="Candidate draft configs screened per domain (`index.job --budget`).")
+    workers: int = Field(JOB_DEFAULTS["workers"], ge=1, description="Domain searches running at once as Ray tasks (`--workers`).")
     num_cpus_per_task: float = Field(1.0, gt=0, description="Ray CPUs per search task (`--num-cpus-per-task`).")
     extra_args: list[str] = Field(default_factory=list, description="More `python -m index.job` arguments.")
     active_deadline_s: int = Field(6 * 3600, ge=60, description="The RayJob fails if the rebuild takes longer.")
