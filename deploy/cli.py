@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import typer
 
-from engine.cli import bench_engine, generate
+from deploy.bench_engine import bench_engine
+from deploy.bench_serve import bench_serve
+from engine.cli import generate
 from index.cli import index_app
 from router.bench import bench_route
-from deploy.bench_serve import bench_serve
 from deploy.k8s_cli import k8s_app
 from deploy.serve_cmd import serve
 from deploy.tenants_cli import tenants_app

@@ -119,9 +119,9 @@ def test_generate_draft_option(monkeypatch):
     args = ["hello", "--skip-mlp", "20,22-23", "--max-draft", "5"]
     r = CliRunner().invoke(app, [*args, "--draft", "quantize=int8", "--draft", "prompt_lookup=2", "--draft", "max_draft=7"])
     assert r.exit_code == 0, r.output
-    assert _GenEngine.drafts[-1] == DraftConfig(skip_mlp=(20, 22, 23), max_draft=7, confidence=0.6, quantize="int8", prompt_lookup=2)
+    assert _GenEngine.drafts[-1] == DraftConfig(skip_mlp=(20, 22, 23), max_draft=7, quantize="int8", prompt_lookup=2)
     r = CliRunner().invoke(app, args)  # the named flags alone, as before --draft
-    assert _GenEngine.drafts[-1] == DraftConfig(skip_mlp=(20, 22, 23), max_draft=5, confidence=0.6)
+    assert _GenEngine.drafts[-1] == DraftConfig(skip_mlp=(20, 22, 23), max_draft=5)  # confidence: the config default
     r = CliRunner().invoke(app, [*args, "--no-speculative"])
     assert _GenEngine.drafts[-1] == DraftConfig.plain()
     r = CliRunner().invoke(app, [*args, "--draft", "bogus=1"])
