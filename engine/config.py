@@ -125,7 +125,7 @@ def _option_value(name: str, value: str):
 @dataclass(frozen=True)
 class KnobSpace:
     """How the index search and the bench ablation explore one draft knob. The search derives its
-    proposals, TPE space and configs from this table; `index.search.SearchSettings.knobs` may narrow a
+    proposals, TPE space and configs from this table; `index.settings.SearchSettings.knobs` may narrow a
     knob's values."""
 
     kind: Literal["layers", "int", "float", "choice"]

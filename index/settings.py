@@ -1,21 +1,24 @@
-"""The settings of one index build: the single declaration that `knnssd index build` (index/cli.py) and
-the Ray job `python -m index.job` (index/job.py) generate their flags from (index/options.py).
+"""The settings of one index build and of each domain's search: `BuildSettings` is the single declaration
+that `knnssd index build` (index/cli.py) and the Ray job `python -m index.job` (index/job.py) generate
+their flags from (index/options.py); `SearchSettings` is one domain's search (index.search). The settings
+both have (`SearchEffort`: how much a search screens and measures, and its seed) are declared once, in
+their common base, and a build passes its values on (`BuildSettings.search_settings`).
 
-This module imports no numpy, torch or index.search, so `knnssd --help` stays instant; `index.build`
-re-exports `BuildSettings`.
+This module imports no numpy, torch or index.search, so `knnssd --help` stays instant; `index.build` and
+`index.search` re-export `BuildSettings` and `SearchSettings`.
 """
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from engine.config import DraftConfig
+from engine.config import KNOBS, DraftConfig, KnobSpace
 
 if TYPE_CHECKING:
-    from index.search import SearchSettings
     from index.select import SelectSettings
 
 # The representations a serving router can route with. The router (router.route.Router.from_config)
@@ -31,11 +34,86 @@ def _general_candidates() -> dict[str, DraftConfig]:
     return dict(GENERAL_CANDIDATES)
 
 
-class BuildSettings(BaseModel):
-    """Settings of one index build. Every scalar field is a flag of both entry points (`--max-new-tokens`
-    for max_new_tokens; booleans as --x/--no-x), described by its description."""
+class SearchEffort(BaseModel):
+    """How much one domain's search screens and measures, and its seed: settings of the search and flags
+    of the build alike (the build passes each on under the same name)."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
+
+    budget: int = Field(24, ge=1, description="Candidate draft configs screened per domain by draft agreement (TPE + random proposals).")
+    seed: int = Field(
+        0,
+        description="Seed for prompt choice, random proposals and TPE (and a build's k-means and bootstrap); the same seed and data "
+        "reproduce the screening.",
+    )
+    max_new_tokens: int = Field(32, ge=2, description="Tokens generated per measured run when comparing candidates against plain decoding.")
+    measure_prompts: int = Field(3, ge=1, description="Prompts per domain on which tokens/s is measured.")
+    screen_prompts: int = Field(4, ge=1, description="Prompts per domain whose greedy continuation screens each candidate.")
+    n_measure: int = Field(2, ge=1, description="Best screened candidates per domain whose tokens/s is measured against plain decoding.")
+    measure_rounds: int = Field(
+        3, ge=1, description="Interleaved rounds of measurement (each runs plain and every candidate once per prompt); each (config, prompt) keeps its fastest run."
+    )
+    layer_profile_prompts: int = Field(2, ge=0, description="Prompts per domain for the per-layer agreement profile and plot (0 disables it).")
+
+
+class SearchSettings(SearchEffort):
+    """Knobs of one domain's search (all candidates greedy; output is lossless whatever is chosen)."""
+
+    screen_tokens: int = Field(32, ge=2, description="Length of the greedy continuation used for screening.")
+    plausibility_slack: float = Field(0.05, ge=0.0, description="A measured speedup above tokens-per-verify-pass x (1 + this) is treated as disturbed timing and disqualified.")
+    min_speedup: float = Field(1.03, ge=0.0, description="A candidate must measure at least this speedup over plain, or the domain gets plain.")
+    random_fraction: float = Field(0.4, ge=0.0, le=1.0, description="Share of candidates proposed at random (sparse skip sets) rather than by TPE.")
+    protect_first: int = Field(1, ge=0, description="Leading layers never skipped (early layers matter most for drafts).")
+    protect_last: int = Field(1, ge=0, description="Trailing layers never skipped.")
+    max_skip_fraction: float = Field(0.35, gt=0.0, le=1.0, description="Random proposals skip at most this share of the searchable sub-layers.")
+    knobs: dict[str, tuple] = Field(
+        # what the search screened before KNOBS existed (max_draft 2-8, fp32 and int8 drafts), so a build
+        # with the default settings screens the same candidates as earlier builds
+        default_factory=lambda: {"max_draft": (2, 8), "quantize": ("none", "int8")},
+        description="Narrows the values searched for screened knobs of engine.config.KNOBS: (low, high), inclusive, for an "
+        "int or float knob (on its KNOBS step), the choices for a choice knob; a knob not named is searched over all its KNOBS values.",
+    )
+    head_cost: float = Field(0.12, ge=0.0, le=1.0, description="Cost model: share of a full pass spent outside decoder layers (embedding, final norm, LM head).")
+    attn_share: float = Field(0.4, ge=0.0, le=1.0, description="Cost model: share of a decoder layer's cost spent in attention (the rest in the MLP).")
+    verify_token_cost: float = Field(0.06, ge=0.0, description="Cost model: extra cost of each additional verified token, as a fraction of a 1-token pass.")
+    calibrate: bool = Field(True, description="Calibrate the cost model's draft-pass cost from one measured speculative run per draft precision.")
+    prompt_lookup_variant: int = Field(3, ge=0, le=8, description="Also measure the best candidate with prompt lookup of this n-gram size (0: never).")
+    int8_cost: float = Field(0.6, gt=0.0, description="Cost model: cost of an int8 draft layer relative to an fp32 one (before calibration).")
+    subset_head_cost: float = Field(0.25, gt=0.0, le=1.0, description="Cost model: cost of a vocabulary-subset draft head relative to the full head.")
+
+    @field_validator("knobs")
+    @classmethod
+    def _narrows_screened_knobs(cls, v: dict[str, tuple]) -> dict[str, tuple]:
+        # only narrowing: KNOBS stays the one place that says what a knob's values can be
+        for name, vals in v.items():
+            space = KNOBS.get(name)
+            if space is None or space.kind == "layers" or not space.screened:
+                raise ValueError(f"knobs: {name!r} is not a screened knob of engine.config.KNOBS")
+            if space.kind == "choice":
+                ok = len(vals) > 0 and all(x in space.choices for x in vals)
+            else:
+                ok = len(vals) == 2 and space.low <= vals[0] <= vals[1] <= space.high
+            if not ok:
+                raise ValueError(f"knobs: {name}={tuple(vals)} does not narrow KNOBS' {space.values()}")
+        return v
+
+    def space(self) -> dict[str, KnobSpace]:
+        """The knobs screening searches besides the layer sets, in KNOBS order, narrowed by `knobs`."""
+        out = {}
+        for name, space in KNOBS.items():
+            if space.kind == "layers" or not space.screened:
+                continue
+            vals = self.knobs.get(name)
+            if vals is not None:
+                space = replace(space, choices=tuple(vals)) if space.kind == "choice" else replace(space, low=vals[0], high=vals[1])
+            out[name] = space
+        return out
+
+
+class BuildSettings(SearchEffort):
+    """Settings of one index build. Every scalar field is a flag of both entry points (`--max-new-tokens`
+    for max_new_tokens; booleans as --x/--no-x), described by its description; those of `SearchEffort`
+    (budget, seed, the prompt and round counts) are passed on to every domain's search."""
 
     data: Path = Field(description="Data directory: one <domain>.jsonl per domain.")
     out: Path = Field(description="Artefact root: versions are written under <out>/versions, <out>/CURRENT names the current one.")
@@ -46,7 +124,6 @@ class BuildSettings(BaseModel):
         "'llm-hidden' is an offline experiment: the serving router embeds with MiniLM and refuses such an index "
         "(only `knnssd bench engine --routed` can route with it).",
     )
-    budget: int = Field(24, ge=1, description="Candidate draft configs screened per domain.")
     # The Ray job defaulted to 2 and the local build to 1; one default now, and the job's cluster default is
     # explicit data there (index.job.JOB_DEFAULTS).
     workers: int = Field(
@@ -56,14 +133,7 @@ class BuildSettings(BaseModel):
         "machine: every worker loads its own engine and splits the cores, and parallel runs disturb each other's tokens/s "
         "measurements; the Ray job defaults to 2 (each task has its own CPUs on the cluster).",
     )
-    seed: int = Field(0, description="Seed for k-means and the search; the same seed and data reproduce the screening.")
     model: str = Field("smollm2", description="Engine model name (bundled name or a Hugging Face model directory).")
-    max_new_tokens: int = Field(32, ge=2, description="Tokens generated per measured run when comparing against plain decoding.")
-    measure_prompts: int = Field(3, ge=1, description="Prompts per domain whose tokens/s is measured.")
-    screen_prompts: int = Field(4, ge=1, description="Prompts per domain whose greedy continuation screens candidates.")
-    n_measure: int = Field(2, ge=1, description="Best screened candidates per domain that are measured.")
-    measure_rounds: int = Field(3, ge=1, description="Interleaved measurement rounds; each (config, prompt) keeps its fastest run.")
-    layer_profile_prompts: int = Field(2, ge=0, description="Prompts per domain for the per-layer agreement plot (0 disables it).")
     threshold_quantile: float = Field(
         0.02, ge=0.0, le=1.0, description="The router's fallback threshold is this quantile of corpus prompts' similarity to their nearest centroid, minus threshold_margin."
     )
@@ -99,11 +169,9 @@ class BuildSettings(BaseModel):
         )
 
     def search_settings(self) -> SearchSettings:
-        """The domain search's settings: every field named like one of SearchSettings' is that setting
-        (budget, seed, max_new_tokens, the prompt and round counts); the rest keep SearchSettings' defaults."""
-        from index.search import SearchSettings
-
-        return SearchSettings(**{name: getattr(self, name) for name in SearchSettings.model_fields if name in type(self).model_fields})
+        """The domain search's settings: this build's `SearchEffort` (budget, seed, max_new_tokens, the prompt
+        and round counts); the rest keep SearchSettings' defaults."""
+        return SearchSettings(**{name: getattr(self, name) for name in SearchEffort.model_fields})
 
     def unservable(self) -> str | None:
         """Why a serving router would refuse the index these settings build, or None when it can serve it.
