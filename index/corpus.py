@@ -3,6 +3,9 @@
 Each line is `{"prompt": "..."}` or `{"messages": [{"role": ..., "content": ...}, ...]}`, optionally with
 `"reference"`. Bad lines raise CorpusError naming the file and line. The corpus hash is a sha256 over the
 files' names and contents in sorted order, so the same data always gives the same hash.
+
+`routing_text` is the one definition of the text embedded for a prompt: the build embeds each record's
+(`Record.text`) and the router each request's (`router.route` re-exports it), so both sides agree.
 """
 
 from __future__ import annotations
@@ -10,11 +13,48 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 _DOMAIN_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 _ROLES = {"system", "user", "assistant", "tool", "developer"}
+
+
+def _content_text(content: Any) -> str:
+    """OpenAI message content: a string, or a list of parts of which the text parts count."""
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, Iterable):
+        parts = []
+        for part in content:
+            if isinstance(part, str):
+                parts.append(part)
+            elif isinstance(part, Mapping) and part.get("type", "text") == "text":
+                parts.append(str(part.get("text", "")))
+        return "\n".join(parts)
+    return str(content)
+
+
+def routing_text(prompt: str | None = None, messages: Sequence[Mapping[str, Any] | Any] | None = None) -> str:
+    """The text that is embedded: the prompt, or a chat's user turns joined by blank lines.
+
+    A chat with no user turn (unusual; a corpus chat always has one) routes on all its turns. Messages
+    may be dicts or objects with `role` and `content` attributes (pydantic request models).
+    """
+    if messages is None:
+        return prompt or ""
+
+    def get(m: Any, name: str) -> Any:
+        return m.get(name) if isinstance(m, Mapping) else getattr(m, name, None)
+
+    user = [_content_text(get(m, "content")) for m in messages if get(m, "role") == "user"]
+    if not user:
+        user = [_content_text(get(m, "content")) for m in messages]
+    return "\n\n".join(user)
 
 
 class CorpusError(ValueError):
@@ -33,11 +73,11 @@ class Record:
 
     @property
     def text(self) -> str:
-        """The text to embed: the prompt, or a chat's user turns joined by blank lines."""
-        if self.prompt is not None:
-            return self.prompt
-        assert self.messages is not None
-        return "\n\n".join(m["content"] for m in self.messages if m["role"] == "user")
+        """The text to embed: the prompt, or a chat's user turns joined by blank lines (`routing_text`,
+        as the router embeds a request)."""
+        assert self.prompt is not None or self.messages is not None
+        # a record is a prompt or a chat (parse_line); were both set, the prompt would count, as it always has
+        return routing_text(self.prompt) if self.prompt is not None else routing_text(messages=self.messages)
 
     def messages_list(self) -> list[dict] | None:
         return [dict(m) for m in self.messages] if self.messages is not None else None

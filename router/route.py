@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
 from index.artefact import Artefact, IndexManifest
+from index.corpus import routing_text  # re-exported: services and tests import it from here
 from index.embed import Embedder
 from router.cache import RedisLink, RouteCache
 from router.config import RouterConfig
@@ -25,23 +26,6 @@ from router.reload import ArtefactSource, Reloader
 from router.stats import RouteStats
 
 __all__ = ["FALLBACK_DOMAIN", "RouteDecision", "Router", "decide", "routing_text", "vote"]
-
-
-def _content_text(content: Any) -> str:
-    """OpenAI message content: a string, or a list of parts of which the text parts count."""
-    if content is None:
-        return ""
-    if isinstance(content, str):
-        return content
-    if isinstance(content, Iterable):
-        parts = []
-        for part in content:
-            if isinstance(part, str):
-                parts.append(part)
-            elif isinstance(part, Mapping) and part.get("type", "text") == "text":
-                parts.append(str(part.get("text", "")))
-        return "\n".join(parts)
-    return str(content)
 
 
 @contextlib.contextmanager
@@ -62,25 +46,6 @@ def torch_threads(n: int | None) -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(prev)
-
-
-def routing_text(prompt: str | None = None, messages: Sequence[Mapping[str, Any] | Any] | None = None) -> str:
-    """The text that is embedded: the prompt, or a chat's user turns joined by blank lines (as the
-    index build embeds corpus chats, `index.corpus.Record.text`).
-
-    A chat with no user turn (unusual) routes on all its turns. Messages may be dicts or objects with
-    `role` and `content` attributes (pydantic request models).
-    """
-    if messages is None:
-        return prompt or ""
-
-    def get(m: Any, name: str) -> Any:
-        return m.get(name) if isinstance(m, Mapping) else getattr(m, name, None)
-
-    user = [_content_text(get(m, "content")) for m in messages if get(m, "role") == "user"]
-    if not user:
-        user = [_content_text(get(m, "content")) for m in messages]
-    return "\n\n".join(user)
 
 
 def vote(sims: Sequence[float], labels: Sequence[str]) -> tuple[str, float]:
