@@ -22,56 +22,17 @@ from pathlib import Path
 
 import torch
 
-from engine.config import KNOBS, DraftConfig, SamplingParams
+from engine.config import DraftConfig, SamplingParams
 from engine.draft import draft_pass_args
 from engine.generate import Engine
+
+# The named configs live in engine.named_configs (the index takes its general candidates from them
+# without torch); re-exported here, where the bench's callers and tests import them.
+from engine.named_configs import ABLATION_CONFIGS, DEFAULT_CONFIGS, SKIP_DRAFT, knob_ablation  # noqa: F401
 from engine.prompts import BenchPrompt
 
 HF = "hf-generate"
 PLAIN = "plain"
-
-DEFAULT_CONFIGS: dict[str, DraftConfig] = {
-    # Hand-picked for SmolLM2 (30 layers): late layers are the most redundant.
-    "skip-mlp4": DraftConfig(skip_mlp=(22, 24, 26, 27), max_draft=4, confidence=0.6),
-    "skip-both6": DraftConfig(skip_attn=(20, 23, 26), skip_mlp=(21, 24, 27), max_draft=4, confidence=0.6),
-    "skip-both12": DraftConfig(
-        skip_attn=(6, 10, 14, 18, 22, 26), skip_mlp=(8, 12, 16, 20, 24, 27), max_draft=5, confidence=0.7
-    ),
-}
-
-
-# One knob each (issue: "each measurable on its own"), then the best combination found by hand and by
-# the index search. A draft of the full fp32 model would cost a whole pass per token, so knobs that do
-# not cut the draft's cost on their own (vocab subset, adaptive threshold) ride on the 4-MLP skip draft;
-# the others draft alone. Which knobs, their values and names come from `engine.config.KNOBS`.
-SKIP_DRAFT = ("skip-mlp4", DraftConfig(skip_mlp=(22, 24, 26, 27), max_draft=4, confidence=0.6))
-
-
-def knob_ablation() -> dict[str, DraftConfig]:
-    """The skip draft, each knob that rides on it, then each knob that drafts alone (KNOBS order)."""
-    base_name, base = SKIP_DRAFT
-    out = {base_name: base}
-    for name, space in KNOBS.items():
-        if space.alone is not None and space.alone_with is None:
-            out[f"{base_name}+{space.label or name}"] = DraftConfig(**{**base.model_dump(), name: space.alone})
-    for name, space in KNOBS.items():
-        if space.alone is not None and space.alone_with is not None:
-            out[space.label or name] = DraftConfig(**{**space.alone_with, name: space.alone})
-    return out
-
-
-ABLATION_CONFIGS: dict[str, DraftConfig] = knob_ablation() | {
-    "lookup2+adaptive": DraftConfig(prompt_lookup=2, model_draft=False, max_draft=8, adaptive=True),
-    "int8+vocab8k+lookup": DraftConfig(quantize="int8", draft_vocab=8192, prompt_lookup=3, max_draft=8, confidence=0.3),
-    "int8+vocab8k+lookup2+adaptive": DraftConfig(
-        quantize="int8", draft_vocab=8192, prompt_lookup=2, max_draft=8, confidence=0.3, adaptive=True,
-        target_acceptance=0.8,
-    ),
-    "int4+vocab8k+lookup2+adaptive": DraftConfig(
-        quantize="int4", draft_vocab=8192, prompt_lookup=2, max_draft=8, confidence=0.3, adaptive=True,
-        target_acceptance=0.8,
-    ),
-}
 PER_KIND = "per-kind"
 
 

@@ -29,6 +29,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from engine.config import DraftConfig, SamplingParams
+from engine.named_configs import ABLATION_CONFIGS
 from index.artefact import Ratio
 
 log = logging.getLogger(__name__)
@@ -39,20 +40,12 @@ OWN = "own"
 
 # Strong general candidates measured on SmolLM2 (README "Benchmarks", issue 11): the best static
 # combination, prompt lookup alone (no draft pass at all), lookup with an adaptive length, int8 plus
-# lookup, and the best combination on int4 draft weights. Every one is in engine.bench.ABLATION_CONFIGS under the same name (a unit test checks it).
+# lookup, and the best combination on int4 draft weights. They are the bench's ablation configs of those
+# names (engine.named_configs), so a bench run and a build measure the same drafts; this order is the
+# measurement's (its rotation starts from it).
 GENERAL_CANDIDATES: dict[str, DraftConfig] = {
-    "int8+vocab8k+lookup2+adaptive": DraftConfig(
-        quantize="int8", draft_vocab=8192, prompt_lookup=2, max_draft=8, confidence=0.3, adaptive=True,
-        target_acceptance=0.8,
-    ),
-    "lookup": DraftConfig(prompt_lookup=3, model_draft=False, max_draft=8),
-    "lookup2+adaptive": DraftConfig(prompt_lookup=2, model_draft=False, max_draft=8, adaptive=True),
-    "int8+vocab8k+lookup": DraftConfig(quantize="int8", draft_vocab=8192, prompt_lookup=3, max_draft=8, confidence=0.3),
-    # the same as the first on int4 weights (the engine's cheaper draft precision)
-    "int4+vocab8k+lookup2+adaptive": DraftConfig(
-        quantize="int4", draft_vocab=8192, prompt_lookup=2, max_draft=8, confidence=0.3, adaptive=True,
-        target_acceptance=0.8,
-    ),
+    name: ABLATION_CONFIGS[name]
+    for name in ("int8+vocab8k+lookup2+adaptive", "lookup", "lookup2+adaptive", "int8+vocab8k+lookup", "int4+vocab8k+lookup2+adaptive")
 }
 
 
