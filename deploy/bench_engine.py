@@ -5,6 +5,7 @@ because `--routed` asks the router (router.offline) for each prompt's config."""
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -65,10 +66,19 @@ def bench_engine(
     for c in [*configs.values(), *(kind_configs or {}).values(), *(c for cs in per_prompt.values() for c in cs)]:
         c.check_layers(eng.num_layers)
     n_runs = count_runs(method_configs(plist, configs, hf, kind_configs, per_prompt), repeats)
+    started, logged, done = time.monotonic(), [time.monotonic()], [0]
+
+    def step() -> None:
+        prog.advance(task)
+        done[0] += 1
+        if not console.is_terminal and time.monotonic() - logged[0] >= 30:  # a redirected run still shows progress
+            logged[0] = time.monotonic()
+            console.print(f"benchmark: {done[0]}/{n_runs} runs, {logged[0] - started:.0f} s", soft_wrap=True)
+
     with Progress(console=console) as prog:
         task = prog.add_task("benchmark", total=n_runs)
         results = run_bench(
-            eng, plist, configs, max_new_tokens, repeats, hf, on_step=lambda: prog.advance(task), per_kind=kind_configs,
+            eng, plist, configs, max_new_tokens, repeats, hf, on_step=step, per_kind=kind_configs,
             per_prompt=per_prompt, fastest=fastest,
         )  # fmt: skip
         vcost, dcost = {}, {}
