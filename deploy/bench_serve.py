@@ -18,7 +18,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from engine.loadtest import MODES, RequestRecord
+from engine.loadtest import MODES, Claims, RequestRecord, run_clients
 
 
 def _ints(spec: str) -> list[int]:
@@ -141,15 +141,11 @@ def _bench_http(url, key, plist, levels, requests, max_new_tokens, model, consol
         for mode, spec in (("http-spec", True), ("http-plain", False)):
             records: list[RequestRecord] = []
             lock = threading.Lock()
-            counter = iter(range(1 << 30))
+            claims = Claims(requests)
 
             def client() -> None:
                 with httpx.Client(base_url=url, headers=headers, timeout=600) as cl:
-                    while True:
-                        with lock:
-                            n = next(counter)
-                        if n >= requests:
-                            return
+                    while (n := claims.take()) is not None:
                         i = n % len(plist)
                         rec = RequestRecord(i, time.perf_counter())
                         text, ntok = one(cl, i, spec)
@@ -159,14 +155,7 @@ def _bench_http(url, key, plist, levels, requests, max_new_tokens, model, consol
                             records.append(rec)
                             texts.setdefault((mode, i), text)
 
-            t0 = time.perf_counter()
-            ths = [threading.Thread(target=client) for _ in range(c)]
-            for t in ths:
-                t.start()
-            for t in ths:
-                t.join()
-            row = summarize(mode, c, records, time.perf_counter() - t0, [[0] * 10**9] * len(plist))
-            row["identical"] = None
+            row = summarize(mode, c, records, run_clients(client, c), reference=None)
             rows.append(row)
             console.log(f"{mode} x{c}: {row['agg_tps']:.1f} tok/s, p50 {row['p50_latency_s']:.2f} s")
     same = all(texts.get(("http-spec", i)) == texts.get(("http-plain", i)) for i in range(len(plist))

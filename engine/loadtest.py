@@ -41,6 +41,29 @@ class RequestRecord:
         return (self.first_token or self.done or 0.0) - self.submitted
 
 
+class Claims:
+    """The request numbers closed-loop clients share: each client takes the next until `n` are taken."""
+
+    def __init__(self, n: int):
+        self._taken = iter(range(n))
+        self._lock = threading.Lock()
+
+    def take(self) -> int | None:
+        with self._lock:
+            return next(self._taken, None)
+
+
+def run_clients(client: Callable[[], None], concurrency: int) -> float:
+    """Run `concurrency` threads of `client` to the end; returns the wall time."""
+    t0 = time.perf_counter()
+    threads = [threading.Thread(target=client, daemon=True) for _ in range(concurrency)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return time.perf_counter() - t0
+
+
 def mode_settings(mode: str, base: RuntimeSettings) -> RuntimeSettings:
     if mode == SERIAL:
         return base.model_copy(update={"max_running": 1, "max_waiting": 1 << 20})
@@ -64,14 +87,10 @@ def closed_loop(
     loop.start()
     records: list[RequestRecord] = []
     lock = threading.Lock()
-    counter = iter(range(1 << 30))
+    claims = Claims(requests)
 
-    def client(cid: int) -> None:
-        while True:
-            with lock:
-                n = next(counter)
-            if n >= requests:
-                return
+    def client() -> None:
+        while (n := claims.take()) is not None:
             i = n % len(prompt_ids)
             done = threading.Event()
             rec = RequestRecord(i, time.perf_counter())
@@ -94,13 +113,7 @@ def closed_loop(
             if on_done:
                 on_done(rec)
 
-    t0 = time.perf_counter()
-    clients = [threading.Thread(target=client, args=(c,), daemon=True) for c in range(concurrency)]
-    for c in clients:
-        c.start()
-    for c in clients:
-        c.join()
-    wall = time.perf_counter() - t0
+    wall = run_clients(client, concurrency)
     stop.set()
     loop.join()
     return records, wall
@@ -113,8 +126,11 @@ def _pct(xs: list[float], q: float) -> float:
     return xs[min(len(xs) - 1, max(0, round(q * (len(xs) - 1))))]
 
 
-def summarize(mode: str, concurrency: int, records: list[RequestRecord], wall: float, reference: Sequence[list[int]]) -> dict:
-    """One results row: aggregate and per-request throughput, latency percentiles, identical outputs."""
+def summarize(
+    mode: str, concurrency: int, records: list[RequestRecord], wall: float, reference: Sequence[list[int]] | None
+) -> dict:
+    """One results row: aggregate and per-request throughput, latency percentiles, identical outputs (None
+    without reference tokens: HTTP clients see text, compared separately)."""
     toks = sum(len(r.tokens) for r in records)
     per_req = [len(r.tokens) / r.latency for r in records if r.latency > 0]
     lat = [r.latency for r in records]
@@ -128,7 +144,7 @@ def summarize(mode: str, concurrency: int, records: list[RequestRecord], wall: f
         "p50_latency_s": round(_pct(lat, 0.5), 3),
         "p99_latency_s": round(_pct(lat, 0.99), 3),
         "ttft_p50_s": round(_pct([r.ttft for r in records], 0.5), 3),
-        "identical": all(r.tokens == reference[r.prompt_index] for r in records),
+        "identical": None if reference is None else all(r.tokens == reference[r.prompt_index] for r in records),
         "load_plain_steps": sum((r.stats or {}).get("load_plain_steps", 0) for r in records),
         "load_capped_steps": sum((r.stats or {}).get("load_capped_steps", 0) for r in records),
         "mean_tokens_per_step": round(statistics.fmean((r.stats or {}).get("mean_tokens_per_step", 1.0) for r in records), 3)
