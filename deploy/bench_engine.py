@@ -5,7 +5,7 @@ because `--routed` asks the router (router.offline) for each prompt's config."""
 from __future__ import annotations
 
 import json
-import time
+import logging
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -34,7 +34,6 @@ def bench_engine(
 ) -> None:
     """Speculative vs plain decoding vs HF generate, interleaved in one process; tables, JSON and a plot."""
     from rich.console import Console
-    from rich.progress import Progress
     from rich.table import Table
 
     from engine.bench import (
@@ -44,6 +43,7 @@ def bench_engine(
     from engine.config import DraftConfig
     from engine.generate import Engine
     from engine.prompts import builtin_prompts, load_prompts
+    from index.search import StepProgress
 
     configs = dict(ABLATION_CONFIGS) if ablation else ({} if config else dict(DEFAULT_CONFIGS))
     configs |= _parse_configs(config, DraftConfig) if config else {}
@@ -66,24 +66,16 @@ def bench_engine(
     for c in [*configs.values(), *(kind_configs or {}).values(), *(c for cs in per_prompt.values() for c in cs)]:
         c.check_layers(eng.num_layers)
     n_runs = count_runs(method_configs(plist, configs, hf, kind_configs, per_prompt), repeats)
-    started, logged, done = time.monotonic(), [time.monotonic()], [0]
-
-    def step() -> None:
-        prog.advance(task)
-        done[0] += 1
-        if not console.is_terminal and time.monotonic() - logged[0] >= 30:  # a redirected run still shows progress
-            logged[0] = time.monotonic()
-            console.print(f"benchmark: {done[0]}/{n_runs} runs, {logged[0] - started:.0f} s", soft_wrap=True)
-
-    with Progress(console=console) as prog:
-        task = prog.add_task("benchmark", total=n_runs)
+    if not console.is_terminal:  # no bar without a terminal: StepProgress logs a line every 30 s instead
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    with StepProgress("benchmark", n_runs, console.is_terminal) as prog:
         results = run_bench(
-            eng, plist, configs, max_new_tokens, repeats, hf, on_step=step, per_kind=kind_configs,
+            eng, plist, configs, max_new_tokens, repeats, hf, on_step=prog.advance, per_kind=kind_configs,
             per_prompt=per_prompt, fastest=fastest,
         )  # fmt: skip
-        vcost, dcost = {}, {}
-        if costs:
-            prog.add_task("verify and draft cost", total=None)
+    vcost, dcost = {}, {}
+    if costs:
+        with console.status("verify and draft cost"):
             vcost = verify_cost(eng)
             dcost = draft_cost(eng, configs)
     table = summarize(results, configs, hf, per_prompt=list(per_prompt))
