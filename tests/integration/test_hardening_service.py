@@ -38,6 +38,7 @@ from services.errors import PROXY_CALLBACK, PROXY_CALLBACK_ENV, ServiceUnavailab
 from router.redis_server import free_port
 from services.keys import router_key_prefix
 from services.routing import Routed
+from tests.serve_app import stop_serve_app
 
 sys.path.insert(0, str(Path(__file__).parent))
 from test_service_app import CONFIGS, write_index, write_manifest  # noqa: E402
@@ -137,17 +138,12 @@ def service(redis_url, tmp_path_factory):
                "index_root": index_root, "version": version, "redis_url": redis_url}
     finally:
         try:
-            serve.shutdown()
+            stop_serve_app(client, prefix)
         finally:
-            ray.shutdown()
             if saved is None:
                 os.environ.pop(PROXY_CALLBACK_ENV, None)
             else:
                 os.environ[PROXY_CALLBACK_ENV] = saved
-            keys_left = list(client.scan_iter(match=prefix[: -len("knnssd:")] + "*"))
-            if keys_left:
-                client.delete(*keys_left)
-            client.close()
 
 
 def auth(service, tenant="main") -> dict[str, str]:

@@ -20,6 +20,7 @@ import pytest
 from engine.config import DraftConfig
 from services.config import AppConfig, DeploymentSettings, DeploymentsConfig, GenerationConfig, HttpConfig, LimitsConfig
 from router.redis_server import free_port
+from tests.serve_app import stop_serve_app
 from services.keys import router_key_prefix
 
 pytestmark = pytest.mark.slow
@@ -117,14 +118,7 @@ def service(redis_url, tmp_path_factory):
             "index_root": index_root, "version": version, "redis_url": redis_url, "prefix": prefix,
         }
     finally:
-        try:
-            serve.shutdown()
-        finally:
-            ray.shutdown()
-            keys = list(client.scan_iter(match=prefix[: -len("knnssd:")] + "*"))
-            if keys:
-                client.delete(*keys)
-            client.close()
+        stop_serve_app(client, prefix)
 
 
 @pytest.fixture(scope="module")

@@ -16,6 +16,7 @@ import pytest
 from services.config import AppConfig, AutoscalingSettings, DeploymentSettings, DeploymentsConfig, GenerationConfig
 from services.config import HttpConfig, LimitsConfig, RayActorOptions
 from router.redis_server import free_port
+from tests.serve_app import stop_serve_app
 
 pytestmark = pytest.mark.slow
 
@@ -98,11 +99,4 @@ def test_replicas_scale_up_under_load_serve_from_both_and_scale_back(redis_url, 
         assert _replicas(serve) == {"RUNNING": 1}  # idle: back to the minimum
     finally:
         stop.set()
-        try:
-            serve.shutdown()
-        finally:
-            ray.shutdown()
-            keys = list(client.scan_iter(match=prefix[: -len("knnssd:")] + "*"))
-            if keys:
-                client.delete(*keys)
-            client.close()
+        stop_serve_app(client, prefix)
