@@ -29,6 +29,9 @@ def bench_engine(
     threads: Annotated[int, typer.Option(help="torch threads.")] = 2,
     device: Annotated[str, typer.Option(help="cpu, cuda, cuda:N or auto.")] = "cpu",
     dtype: Annotated[str, typer.Option(help="float32, bfloat16, float16 or auto (fp32 on CPU, bf16 on GPU).")] = "auto",
+    precision: Annotated[str, typer.Option(help="Engine precision of every method: auto, reference, native or native-f32 (auto: native on a CPU for a GGUF model).")] = "auto",
+    compare_precision: Annotated[Optional[list[str]], typer.Option(help="Also run plain decoding at this precision (method 'plain@PRECISION'), interleaved; repeatable.")] = None,
+    peer: Annotated[Optional[str], typer.Option(help="'llama.cpp' (or llama.cpp:own,Q8_0,F32): decode the same prompt ids with llama.cpp on the same GGUF at its own type, Q8_0 and F32, interleaved (needs llama-cpp-python; skipped with a note when absent).")] = None,
     json_out: Annotated[Optional[Path], typer.Option("--json", help="Write the report as JSON here.")] = None,
     plot: Annotated[Optional[Path], typer.Option(help="PNG plot path (default: next to --json, else bench-engine.png).")] = None,
 ) -> None:
@@ -37,10 +40,11 @@ def bench_engine(
     from rich.table import Table
 
     from engine.bench import (
-        ABLATION_CONFIGS, DEFAULT_CONFIGS, HF, PLAIN, count_runs, draft_cost, load_per_kind, method_configs, run_bench,
-        summarize, verify_cost, write_json, write_plot,
+        ABLATION_CONFIGS, DEFAULT_CONFIGS, HF, PLAIN, count_runs, draft_cost, load_per_kind, method_configs, peer_report,
+        run_bench, summarize, verify_cost, write_json, write_plot,
     )
-    from engine.config import DraftConfig
+    from engine import peer as peers_mod
+    from engine.config import DraftConfig, SamplingParams
     from engine.generate import Engine
     from engine.prompts import builtin_prompts, load_prompts
     from index.search import StepProgress
@@ -53,7 +57,30 @@ def bench_engine(
         seen: dict[str, int] = {}
         plist = [p for p in plist if seen.setdefault(p.kind, 0) < limit and not seen.__setitem__(p.kind, seen[p.kind] + 1)]
     console = Console(stderr=True)
-    eng = Engine.load(model, threads=threads, device=device, dtype=dtype)
+    try:
+        peer_types = peers_mod.parse_peer(peer)
+    except ValueError as e:
+        raise typer.BadParameter(str(e), param_hint="--peer") from None
+    if peer_types and not peers_mod.available():
+        console.print("[yellow]--peer llama.cpp skipped: llama-cpp-python is not installed "
+                      "(CMAKE_ARGS=\"-DGGML_NATIVE=ON\" pip install -e \".[peer]\")")
+        peer_types = []
+    try:
+        eng = Engine.load(model, threads=threads, device=device, dtype=dtype, precision=precision)
+    except ValueError as e:
+        raise typer.BadParameter(str(e), param_hint="--precision") from None
+    extra, plains = {}, {eng.precision: PLAIN}
+    for prec in compare_precision or []:
+        other = Engine.load(model, threads=threads, device=device, dtype=dtype, precision=prec)
+        name = f"plain@{other.precision}"
+        extra[name] = lambda ids, n, e=other: e.generate(ids, SamplingParams(max_new_tokens=n), DraftConfig.plain()).token_ids
+        plains[other.precision] = name
+    peer_labels = []
+    if peer_types:
+        with console.status("llama.cpp models"):
+            for d in peers_mod.llama_cpp_peers(model, peer_types, threads, eng.eos_token_ids, n_ctx=eng.context_length):
+                extra[d.label] = d.decode
+                peer_labels.append(d.label)
     route = None
     if routed:  # routing imports (MiniLM, FAISS) only when asked; decisions are made before any timing
         from router.offline import load_index, routed_methods
@@ -65,24 +92,30 @@ def bench_engine(
     per_prompt = route.methods if route else {}
     for c in [*configs.values(), *(kind_configs or {}).values(), *(c for cs in per_prompt.values() for c in cs)]:
         c.check_layers(eng.num_layers)
-    n_runs = count_runs(method_configs(plist, configs, hf, kind_configs, per_prompt), repeats)
+    n_runs = count_runs(method_configs(plist, configs, hf, kind_configs, per_prompt), repeats) + len(extra) * len(plist) * repeats
     if not console.is_terminal:  # no bar without a terminal: StepProgress logs a line every 30 s instead
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     with StepProgress("benchmark", n_runs, console.is_terminal) as prog:
         results = run_bench(
             eng, plist, configs, max_new_tokens, repeats, hf, on_step=prog.advance, per_kind=kind_configs,
-            per_prompt=per_prompt, fastest=fastest,
+            per_prompt=per_prompt, fastest=fastest, extra=extra,
         )  # fmt: skip
     vcost, dcost = {}, {}
     if costs:
         with console.status("verify and draft cost"):
             vcost = verify_cost(eng)
             dcost = draft_cost(eng, configs)
-    table = summarize(results, configs, hf, per_prompt=list(per_prompt))
+    table = summarize(results, configs, hf, per_prompt=list(per_prompt), extra=list(extra))
+    import torch
+
     report = {
         "model": eng.model_id,
         "device": str(eng.device),
         "dtype": str(eng.dtype).replace("torch.", ""),
+        "precision": eng.precision,
+        "activations": {"native": "int8 per block of 32", "native-f32": "float32"}.get(eng.precision, str(eng.dtype).replace("torch.", "")),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "kernels": eng.lean.native.build_kind() if eng.lean.native is not None else None,
         "max_new_tokens": max_new_tokens,
         "repeats": repeats,
         "fastest": fastest,
@@ -96,6 +129,9 @@ def bench_engine(
         "verify_cost": vcost,
         "draft_cost": dcost,
     }
+    if peer_labels:
+        ours = [m for m in table if m != HF and m not in peer_labels]
+        report["peer"] = peer_report(results, peer_labels, ours, plains)
     if route:
         report |= route.report(plist)
         report["routed_configs"] = {
@@ -139,6 +175,18 @@ def bench_engine(
         out.print(vc)
     if HF in table:
         out.print(f"HF generate output identical to engine plain decoding on every prompt: {table[HF]['overall']['identical']}")
+    if peer_labels:
+        pt = Table(title=f"vs llama.cpp (same GGUF, same prompt ids, {threads} threads): median of per-prompt tokens/s ratios")
+        pt.add_column("our method")
+        for lab in peer_labels:
+            pt.add_column(f"/ {lab} ({report['peer'][lab]['tokens_per_s']:.1f} tok/s)", justify="right")
+        for m in report["peer"][peer_labels[0]]["ratio"]:
+            pt.add_row(m, *[f"{report['peer'][lab]['ratio'][m]:.3f}" for lab in peer_labels])
+        out.print(pt)
+        for lab in peer_labels:
+            for prec, pos in report["peer"][lab]["diverges_at"].items():
+                same = sum(p is None for p in pos)
+                out.print(f"{lab} text vs our plain at {prec}: identical on {same}/{len(pos)} prompts; first divergence at {pos}")
     if json_out:
         write_json(report, json_out)
     plot_path = plot or (json_out.with_suffix(".png") if json_out else Path("bench-engine.png"))

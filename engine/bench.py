@@ -9,6 +9,10 @@ quote: the machine is shared and absolute times drift.
 
 Besides fixed configs, a method may choose a config per prompt (`per_prompt`): the router's choice, the
 index's general config, each kind's own config (`knnssd bench engine --routed`, see router.offline).
+Other decoders join as `extra` methods, timed in the same rotation on the same prompt ids: plain decoding
+at another engine precision (`plain@reference`) and llama.cpp on the same GGUF (`engine.peer`);
+`peer_report` gives each llama.cpp type's tokens/s, our methods' ratios to it and where its text first
+diverges from our plain decoding at each precision.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import json
 import math
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -34,6 +39,8 @@ from engine.prompts import BenchPrompt
 HF = "hf-generate"
 PLAIN = "plain"
 PER_KIND = "per-kind"
+# An extra method: prompt ids, max new tokens -> new token ids (greedy), timed by run_bench.
+ExtraDecoder = Callable[[list[int], int], list[int]]
 
 
 def load_per_kind(path: Path) -> dict[str, DraftConfig]:
@@ -116,6 +123,7 @@ def run_bench(
     per_kind: dict[str, DraftConfig] | None = None,
     per_prompt: dict[str, list[DraftConfig]] | None = None,
     fastest: bool = False,
+    extra: dict[str, ExtraDecoder] | None = None,
 ) -> list[PromptResult]:
     """`per_kind` adds a method that decodes each prompt with its kind's config (plain where its kind has
     none): what routing by domain would pick, with the kind known. `per_prompt` adds methods that decode
@@ -124,8 +132,10 @@ def run_bench(
     Methods that decode a prompt with the same config share that config's runs (greedy decoding of the
     same prompt with the same config is the same computation): fewer runs, and two methods differ only
     on the prompts where their configs differ. `fastest`: a prompt's time per config is its fastest
-    repeat (other load on the machine only ever adds time) instead of the median."""
+    repeat (other load on the machine only ever adds time) instead of the median. `extra` methods (other
+    decoders of the same ids) run in the same rotation, one run per prompt and repeat each."""
     params = SamplingParams(max_new_tokens=max_new_tokens)
+    extra = extra or {}
     rows = method_configs(prompts, configs, include_hf, per_kind, per_prompt)
     results = []
     warm = engine.encode_prompt(prompt="Hello")
@@ -134,10 +144,12 @@ def run_bench(
     distinct = {c for row in rows for c in row.values() if c is not None}
     for cfg in sorted(distinct, key=lambda c: c.config_id):
         engine.generate(warm, SamplingParams(max_new_tokens=4), cfg)
+    for dec in extra.values():
+        dec(warm, 4)
     for i, (bp, row) in enumerate(zip(prompts, rows)):
         ids = engine.encode_prompt(prompt=bp.prompt, messages=list(bp.messages) if bp.messages else None)
         res = PromptResult(bp.kind, fastest=fastest)
-        runs = list(dict.fromkeys(row.values()))  # distinct configs in method order (None: HF)
+        runs = list(dict.fromkeys(row.values())) + list(extra)  # distinct configs in method order (None: HF), extras
         order = runs[i % len(runs) :] + runs[: i % len(runs)]
         times: dict[DraftConfig | None, list[float]] = {}
         out: dict[DraftConfig | None, tuple] = {}
@@ -146,6 +158,8 @@ def run_bench(
                 t0 = time.perf_counter()
                 if cfg is None:
                     toks, st = _hf_generate(engine, ids, max_new_tokens), None
+                elif isinstance(cfg, str):
+                    toks, st = extra[cfg](ids, max_new_tokens), None
                 else:
                     r = engine.generate(ids, params, cfg)
                     toks, st = r.token_ids, r.stats
@@ -153,7 +167,7 @@ def run_bench(
                 out[cfg] = (toks, st)
                 if on_step:
                     on_step()
-        for m, cfg in row.items():
+        for m, cfg in [*row.items(), *((name, name) for name in extra)]:
             toks, st = out[cfg]
             res.times[m], res.tokens[m] = list(times[cfg]), toks
             if st is not None:
@@ -176,7 +190,7 @@ def _summary(results: list[PromptResult], method: str, include_hf: bool) -> dict
         ),
         "identical": all(r.tokens[method] == r.tokens[PLAIN] for r in results),
     }
-    if method not in (HF, PLAIN):
+    if method not in (HF, PLAIN) and method in results[0].steps:
         steps = sum(r.steps[method] for r in results)
         drafted = sum(r.drafted[method] for r in results)
         decoded = sum(max(len(r.tokens[method]) - 1, 0) for r in results)  # the prefill token is no step
@@ -193,17 +207,41 @@ def _geomean(xs: list[float]) -> float:
 
 
 def summarize(
-    results: list[PromptResult], configs: dict[str, DraftConfig], include_hf: bool, per_prompt: list[str] | tuple[str, ...] = ()
+    results: list[PromptResult], configs: dict[str, DraftConfig], include_hf: bool, per_prompt: list[str] | tuple[str, ...] = (),
+    extra: list[str] | tuple[str, ...] = (),
 ) -> dict:
     methods = ([HF] if include_hf else []) + [PLAIN] + list(configs)
     methods += [PER_KIND] if results and PER_KIND in results[0].times else []
-    methods += list(per_prompt)
+    methods += list(per_prompt) + list(extra)
     kinds = sorted({r.kind for r in results})
     table: dict[str, dict] = {}
     for m in methods:
         table[m] = {k: _summary([r for r in results if r.kind == k], m, include_hf) for k in kinds}
         table[m]["overall"] = _summary(results, m, include_hf)
     return table
+
+
+def first_divergence(a: list[int], b: list[int]) -> int | None:
+    """The first position where two token sequences differ (a length counts when one is a prefix of the
+    other), None when they are identical."""
+    for i, (x, y) in enumerate(zip(a, b)):
+        if x != y:
+            return i
+    return None if len(a) == len(b) else min(len(a), len(b))
+
+
+def peer_report(results: list[PromptResult], peers: list[str], ours: list[str], plains: dict[str, str]) -> dict:
+    """Per peer method: its median tokens/s over prompts, each of our methods' median per-prompt ratio to it,
+    and per precision (`plains`: precision -> our plain method at it) the first position where the peer's
+    tokens diverge from ours on each prompt (None: identical)."""
+    out = {}
+    for p in peers:
+        out[p] = {
+            "tokens_per_s": round(statistics.median(r.tps(p) for r in results), 3),
+            "ratio": {m: round(statistics.median(r.tps(m) / r.tps(p) for r in results), 4) for m in ours},
+            "diverges_at": {prec: [first_divergence(r.tokens[p], r.tokens[m]) for r in results] for prec, m in plains.items()},
+        }
+    return out
 
 
 def verify_cost(engine: Engine, sizes=(1, 2, 3, 4, 5, 8), context: int = 128, reps: int = 30) -> dict:

@@ -32,6 +32,7 @@ def generate(
     speculative: Annotated[bool, typer.Option(help="Use self-speculative decoding.")] = True,
     device: Annotated[str, typer.Option(help="cpu, cuda, cuda:N or auto.")] = "cpu",
     dtype: Annotated[str, typer.Option(help="float32, bfloat16, float16 or auto (fp32 on CPU, bf16 on GPU).")] = "auto",
+    precision: Annotated[str, typer.Option(help="auto, reference, native or native-f32 (auto: native on a CPU for a GGUF model).")] = "auto",
 ) -> None:
     """Generate text for one prompt, streaming it, then print the decode stats."""
     from engine.config import SamplingParams
@@ -43,7 +44,10 @@ def generate(
         config = DraftConfig.from_options([*flags, *(draft or [])]) if speculative else DraftConfig.plain()
     except ValueError as e:  # pydantic's ValidationError is one too
         raise typer.BadParameter(str(e), param_hint="--draft") from None
-    eng = Engine.load(model, device=device, dtype=dtype)
+    try:
+        eng = Engine.load(model, device=device, dtype=dtype, precision=precision)
+    except ValueError as e:
+        raise typer.BadParameter(str(e), param_hint="--precision") from None
     params = SamplingParams(
         max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,
         stop=tuple(stop or ()),
@@ -55,6 +59,6 @@ def generate(
         last = out
     sys.stdout.write("\n")
     assert last is not None
-    stats = last.stats.to_dict() | {"config_id": config.config_id, "tokens_per_s": round(
+    stats = last.stats.to_dict() | {"precision": eng.precision, "config_id": config.config_id, "tokens_per_s": round(
         last.stats.new_tokens / last.stats.time_total, 2) if last.stats.time_total else 0.0}
     typer.echo(json.dumps(stats, indent=2), err=True)

@@ -12,6 +12,9 @@ many rows share the matmul), the draft only has to be cheap.
   groups, so its int4 draft sees the bundled bits again), both with bf16 activations, which is what
   `_weight_int8pack_mm` / `_weight_int4pack_mm_for_cpu` are fast at (their fp32 paths are 5-16x slower).
   On other devices a low-bit draft falls back to `DenseLinear` in bf16.
+- `NativeLinear` (CPU, `native` precisions): the GGUF's own quantised blocks (`engine.pack`) multiplied by
+  our C++ kernels (`engine/csrc/native.cpp`), fp32 or int8 activations, batch-invariant by construction.
+  One call may hold several weights over the same input (fused QKV, gate/up) with outputs side by side.
 """
 
 from __future__ import annotations
@@ -137,3 +140,23 @@ def make_linear(
     if cpu and precision == "int4" and weight.shape[1] % INT4_GROUP == 0 and weight.shape[0] % 16 == 0:
         return Int4Linear(weight, bias)
     return DenseLinear(weight, bias, device=device, dtype=torch.bfloat16 if device.type != "cpu" else dtype)
+
+
+class NativeLinear:
+    """Packed GGUF blocks (one or more weights side by side over the same input) through the C++ kernels.
+    `act` is the kernels' activation mode (ACT_F32 or ACT_Q8)."""
+
+    def __init__(self, ext, parts: list, biases: list | None = None, act: int = 0):
+        self.ext = ext
+        self.qw = [ext.QW(p.codes, p.scales, p.mins, p.fmt, p.group) for p in parts]
+        empty = torch.empty(0)
+        self.biases = [empty if b is None else b.float().contiguous() for b in (biases or [None] * len(parts))]
+        if all(b.numel() == 0 for b in self.biases):
+            self.biases = []
+        self.act = act
+        self.out_features = sum(q.n for q in self.qw)
+        self.in_features = self.qw[0].k
+        self.nbytes = sum(q.nbytes() for q in self.qw) + sum(b.numel() * 4 for b in self.biases)
+
+    def __call__(self, x: torch.Tensor, act: int | None = None) -> torch.Tensor:  # [M, in] fp32 -> [M, out]
+        return self.ext.linear(x.float().contiguous(), self.qw, self.biases, self.act if act is None else act)

@@ -30,9 +30,17 @@ import torch
 import torch.nn.functional as F
 
 from engine.head import GreedyHead
-from engine.kernels import PRECISIONS, Linear, make_linear
+from engine.kernels import PRECISIONS, Linear, NativeLinear, make_linear
 from engine.kvcache import SeqCache
+from engine.pack import Packed, pack_dense
 from engine.weights import ARCHS, ArchSpec, WeightSource, rotary_module, text_config
+
+# Engine precisions: `reference` is fp32 on the dequantised weights (oneDNN on the CPU, the device's own
+# kernels elsewhere); `native` multiplies the GGUF's own blocks with int8 activations quantised per block
+# of 32 (llama.cpp's scheme), `native-f32` the same blocks with fp32 activations. Both native ones run our
+# C++ kernels (engine/csrc/native.cpp) on the CPU, fp32 everywhere else (norms, RoPE, attention, KV).
+ENGINE_PRECISIONS = ("reference", "native", "native-f32")
+NATIVE_ACT = {"native": 1, "native-f32": 0}  # the kernels' ACT_Q8 / ACT_F32
 
 SUPPORTED = tuple(ARCHS)
 
@@ -82,9 +90,11 @@ class DraftPlan:
     precision: str = "full"
     head: DraftHead | None = None
     key: tuple = ()
+    exit_layer: int = 0  # run layers [0, exit_layer) then the final norm and head (early exit); 0 = all
 
 
 FULL = DraftPlan(key=("full",))
+_EMPTY = torch.empty(0)
 
 
 @dataclass
@@ -123,6 +133,8 @@ class LeanModel:
         rotary=None,
         generic: bool = False,
         greedy_head: bool = True,
+        precision: str = "reference",
+        packed: dict[str, Packed] | None = None,
     ):
         if isinstance(source, torch.nn.Module):  # a transformers model (tests, tiny random models)
             config = source.config
@@ -137,6 +149,17 @@ class LeanModel:
         self.spec = spec
         self.device = torch.device(device)
         self.dtype = dtype
+        if precision not in ENGINE_PRECISIONS:
+            raise ValueError(f"unknown precision {precision!r}; expected one of {ENGINE_PRECISIONS}")
+        self.precision = precision
+        self.native = None  # the C++ kernels' module when a native precision runs
+        if precision != "reference":
+            if self.device.type != "cpu" or dtype != torch.float32 or generic:
+                raise ValueError(f"precision {precision!r} runs on the CPU in float32 (got {self.device}, {dtype})")
+            from engine.ext import native
+
+            self.native = native()
+            self.act_mode = NATIVE_ACT[precision]
         self.generic = generic  # device-generic kernels even on the CPU (tests of the GPU code path)
         self.source = source
         self.n_layers = cfg.num_hidden_layers
@@ -157,13 +180,23 @@ class LeanModel:
         self._prefix = source.prefix()
         self._lm_head_name = "lm_head.weight" if source.has("lm_head.weight") else self._prefix + "embed_tokens.weight"
         d = self.head_dim
+        self.packed = None
+        if self.native is not None:
+            self.packed = packed if packed is not None else self._pack_source("q8_0")
         with torch.no_grad():
-            self.embed = source.get(self._prefix + "embed_tokens.weight").to(self.device, dtype).contiguous()
             # Gemma scales embeddings by sqrt(hidden), rounded to the weights' dtype as transformers does.
             self.embed_scale = float(torch.tensor(self.dim**0.5, dtype=dtype)) if spec.embed_scaled else 1.0
             self.final_norm = self._norm(self._prefix + "norm.weight")
-            self.lm_head = make_linear(source.get(self._lm_head_name), None, "full", self.device, dtype, generic)
+            if self.native is None:
+                self.embed = source.get(self._prefix + "embed_tokens.weight").to(self.device, dtype).contiguous()
+                self.lm_head = make_linear(source.get(self._lm_head_name), None, "full", self.device, dtype, generic)
+            else:
+                self.embed = None  # rows are dequantised from the packed embedding per pass
+                self.embed_native = NativeLinear(self.native, [self.packed["embed"]])
+                self.lm_head = NativeLinear(self.native, [self._head_packed()], act=self.act_mode)
             self.rope = self._rope_tables(rotary if rotary is not None else rotary_module(config), cfg)
+            if self.native is not None:  # [max_len, D/2, 2] (cos, sin) pairs for the C++ attention
+                self.rope_pairs = {k: torch.view_as_real(v).contiguous() for k, v in self.rope.items()}
             layer_types = getattr(cfg, "layer_types", None) or ["full_attention"] * self.n_layers
             window = getattr(cfg, "sliding_window", None)
             self.layers: list[LayerWeights] = []
@@ -188,7 +221,7 @@ class LeanModel:
         # Exact greedy argmax from an int8 head plus an fp32 recheck (engine.head): CPU fp32 only, where
         # the int8 kernel exists and the fp32 head rows can be read back.
         self.greedy_head = None
-        if greedy_head and self.device.type == "cpu" and dtype == torch.float32 and not generic:
+        if greedy_head and self.native is None and self.device.type == "cpu" and dtype == torch.float32 and not generic:
             with torch.no_grad():
                 tied = self._lm_head_name == self._prefix + "embed_tokens.weight"
                 self.greedy_head = GreedyHead(self.embed if tied else source.get(self._lm_head_name).contiguous())
@@ -238,7 +271,53 @@ class LeanModel:
             "down": (g(m + "down_proj.weight"), None),
         }
 
+    def _head_packed(self) -> Packed:
+        return self.packed["head"] if "head" in self.packed else self.packed["embed"]
+
+    def _qk_rows(self, p: Packed, n_heads: int) -> Packed:
+        """GGUF q/k rows in the lean forward's interleaved-pair order (a row permutation: blocks intact)."""
+        if self.spec.gguf_qk_interleaved:
+            return p
+        d = self.head_dim
+        idx = (torch.arange(n_heads).unsqueeze(1) * d + _interleave_perm(d).unsqueeze(0)).flatten()
+        return p.rows(idx)
+
+    def _pack_source(self, kind: str) -> dict[str, Packed]:
+        """Packed weights made from fp32 ones (models without GGUF blocks), in GGUF's row order: Llama's
+        q/k rows interleaved, the others as they are (so `_qk_rows` applies as for a real GGUF)."""
+        g, out = self.source.get, {}
+        out["embed"] = pack_dense(g(self._prefix + "embed_tokens.weight"), kind)
+        if self._lm_head_name != self._prefix + "embed_tokens.weight":
+            out["head"] = pack_dense(g(self._lm_head_name), kind)
+        names = {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj", "o": "self_attn.o_proj",
+                 "gate": "mlp.gate_proj", "up": "mlp.up_proj", "down": "mlp.down_proj"}
+        for i in range(self.n_layers):
+            for role, name in names.items():
+                w = g(self._layer_prefix(i) + name + ".weight")
+                if role in ("q", "k") and self.spec.gguf_qk_interleaved:
+                    w = _permute_heads(w, self.n_heads if role == "q" else self.n_kv, self.head_dim)
+                out[f"{i}.{role}"] = pack_dense(w, kind)
+        return out
+
+    def _native_proj(self, i: int) -> Proj:
+        pk, p = self.packed, self._layer_prefix(i) + "self_attn."
+        biases = None
+        if self.source.has(p + "q_proj.bias"):
+            d = self.head_dim
+            biases = [_permute_heads(self.source.get(p + "q_proj.bias"), self.n_heads, d),
+                      _permute_heads(self.source.get(p + "k_proj.bias"), self.n_kv, d), self.source.get(p + "v_proj.bias")]
+        ext, act = self.native, self.act_mode
+        return Proj(
+            qkv=NativeLinear(ext, [self._qk_rows(pk[f"{i}.q"], self.n_heads), self._qk_rows(pk[f"{i}.k"], self.n_kv), pk[f"{i}.v"]],
+                             biases, act),
+            o=NativeLinear(ext, [pk[f"{i}.o"]], act=act),
+            gate_up=NativeLinear(ext, [pk[f"{i}.gate"], pk[f"{i}.up"]], act=act),
+            down=NativeLinear(ext, [pk[f"{i}.down"]], act=act),
+        )
+
     def _build_proj(self, i: int, precision: str) -> Proj:
+        if self.native is not None:
+            return self._native_proj(i)
         fused = self._fused(i)
         return Proj(**{name: make_linear(w, b, precision, self.device, self.dtype, self.generic) for name, (w, b) in fused.items()})
 
@@ -246,6 +325,8 @@ class LeanModel:
         """Build every layer's `precision` draft copies (once); returns the bytes they take."""
         if precision not in PRECISIONS:
             raise ValueError(f"unknown precision {precision!r}")
+        if self.native is not None:
+            return 0  # native drafts run on the same packed blocks (int8/int4 mean int8 activations there)
         with torch.no_grad():
             for i, lw in enumerate(self.layers):
                 if precision not in lw.proj:
@@ -257,6 +338,8 @@ class LeanModel:
 
     def quantization_error(self, precision: str) -> float:
         """Mean relative weight error of a draft precision's projections (0 for 'full')."""
+        if self.native is not None:
+            return 0.0
         self.prepare(precision)
         errs = [getattr(k, "error", 0.0) for lw in self.layers for k in vars(lw.proj[precision]).values()]
         return float(sum(errs) / len(errs))
@@ -272,26 +355,34 @@ class LeanModel:
             return None
         key = (rows, precision)
         if key not in self._heads:
+            if self.native is not None:
+                act = self.act_mode if precision == "full" else 1
+                lin = NativeLinear(self.native, [self._head_packed().rows(torch.arange(rows))], act=act)
+                self._heads[key] = DraftHead(torch.arange(rows, device=self.device), lin)
+                return self._heads[key]
             w = self.source.get(self._lm_head_name)[:rows]
             with torch.no_grad():
                 lin = make_linear(w, None, precision, self.device, self.dtype, self.generic)
             self._heads[key] = DraftHead(torch.arange(rows, device=self.device), lin)
         return self._heads[key]
 
-    def plan(self, skip_attn=(), skip_mlp=(), precision: str = "full", head_rows: int = 0) -> DraftPlan:
+    def plan(self, skip_attn=(), skip_mlp=(), precision: str = "full", head_rows: int = 0, exit_layer: int = 0) -> DraftPlan:
         """The draft pass for these knobs (weights built on first use), cached by its key."""
-        key = (tuple(sorted(skip_attn)), tuple(sorted(skip_mlp)), precision, head_rows)
+        key = (tuple(sorted(skip_attn)), tuple(sorted(skip_mlp)), precision, head_rows, exit_layer)
         if key not in self._plans:
             bad = [i for i in (*skip_attn, *skip_mlp) if not 0 <= i < self.n_layers]
             if bad:
                 raise ValueError(f"draft skips layers {bad} but the model has {self.n_layers} layers")
+            if not 0 <= exit_layer <= self.n_layers:
+                raise ValueError(f"draft exits after layer {exit_layer} but the model has {self.n_layers} layers")
             if precision != "full":
                 self.prepare(precision)
             # Low-bit drafts score with an int8 head: 4-bit rows of a head that GGUF keeps in 8 bits (SmolLM2's
             # Q8_0 embedding) cost most of the draft's acceptance for little time.
             head_precision = "int8" if precision == "int4" else precision
             self._plans[key] = DraftPlan(
-                frozenset(skip_attn), frozenset(skip_mlp), precision, self.draft_head(head_rows, head_precision), key
+                frozenset(skip_attn), frozenset(skip_mlp), precision, self.draft_head(head_rows, head_precision), key,
+                exit_layer if exit_layer < self.n_layers else 0,
             )
         return self._plans[key]
 
@@ -349,6 +440,8 @@ class LeanModel:
     def forward_batch(self, segments: list[Segment], plan: DraftPlan | None = None) -> list[torch.Tensor | None]:
         """One pass over every segment's rows; returns per segment its logits rows (or hidden states)."""
         plan = plan or FULL
+        if self.native is not None:
+            return self._forward_native(segments, plan)
         dev = self.device
         if len(segments) == 1:
             s = segments[0]
@@ -364,7 +457,7 @@ class LeanModel:
             x = x * self.embed_scale
         rows: dict[str, object] = {}
         masks: dict[tuple[int, int | None], torch.Tensor | None] = {}
-        for i, lw in enumerate(self.layers):
+        for i, lw in enumerate(self.layers[: plan.exit_layer or self.n_layers]):
             proj = lw.proj[plan.precision]
             if i not in plan.skip_attn:
                 if lw.rope not in rows:
@@ -379,6 +472,41 @@ class LeanModel:
                     y = self._rms(y, lw.post_mlp_norm)
                 x.add_(y)
         x = self._rms(x, self.final_norm)
+        return self._outputs(x, segments, plan.head)
+
+    def _forward_native(self, segments: list[Segment], plan: DraftPlan) -> list[torch.Tensor | None]:
+        """The same pass on packed weights: one C++ call per sub-layer (norm, fused projections, RoPE, K/V
+        write, attention row by row, output projection, residual), so nothing per op runs in Python."""
+        ext = self.native
+        seg, r = [], 0
+        for s in segments:
+            m = s.tokens.shape[0]
+            s.cache.ensure(s.start + m)
+            seg.append((r, s.start, m))
+            r += m
+        tokens = segments[0].tokens if len(segments) == 1 else torch.cat([s.tokens for s in segments])
+        x = self.embed_native.qw[0].dequant_rows(tokens)  # [N, hidden]
+        if self.embed_scale != 1.0:
+            x.mul_(self.embed_scale)
+        seg_t = torch.tensor(seg, dtype=torch.int64)
+        caches = [s.cache.kv for s in segments]
+        act = self.act_mode if plan.precision == "full" else 1  # int8/int4 drafts: int8 activations
+        empty = _EMPTY
+        h_, hk, d, eps = self.n_heads, self.n_kv, self.head_dim, self.eps
+        act_fn = 1 if self.spec.act == "gelu_tanh" else 0
+        for i, lw in enumerate(self.layers[: plan.exit_layer or self.n_layers]):
+            p = lw.proj["full"]
+            if i not in plan.skip_attn:
+                ext.attn_block(
+                    x, lw.attn_norm, p.qkv.qw, p.qkv.biases,
+                    empty if lw.q_norm is None else lw.q_norm, empty if lw.k_norm is None else lw.k_norm,
+                    p.o.qw[0], empty if lw.post_attn_norm is None else lw.post_attn_norm, self.rope_pairs[lw.rope],
+                    seg_t, caches, i, h_, hk, d, lw.window or 0, self.scale, eps, act,
+                )
+            if i not in plan.skip_mlp:
+                ext.mlp_block(x, lw.mlp_norm, p.gate_up.qw, p.down.qw[0],
+                              empty if lw.post_mlp_norm is None else lw.post_mlp_norm, act_fn, eps, act)
+        x = ext.rms_norm(x, self.final_norm, eps)
         return self._outputs(x, segments, plan.head)
 
     def _outputs(self, x: torch.Tensor, segments: list[Segment], head: DraftHead | None) -> list[torch.Tensor | None]:

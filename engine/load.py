@@ -152,6 +152,44 @@ def resolve_model_dir(name: str) -> tuple[Path, str]:
     return out, name
 
 
+NATIVE_DIR = "native"  # beside the safetensors, in a sub-directory: neither the weights hash nor WeightSource reads it
+
+
+def gguf_source(name: str) -> list[Path] | None:
+    """The GGUF file (or its raw parts in order) a bundled model comes from; None for other models."""
+    return _gguf_parts(BUNDLED[name]) if name in BUNDLED else None
+
+
+def packed_weights(model_dir: Path, name: str):
+    """The model's GGUF blocks packed for the native kernels (`engine.pack`), or None for a model without a
+    GGUF. Packed once from the bundled GGUF into `<model_dir>/native/` and memory-mapped from there after."""
+    from engine.pack import CACHE_FILE, load_packed, pack_gguf, save_packed
+
+    cache = Path(model_dir) / NATIVE_DIR / CACHE_FILE
+    hit = load_packed(cache)
+    if hit is not None:
+        return hit[0]
+    parts = gguf_source(name)
+    if parts is None:
+        return None
+    print(f"packing the GGUF blocks of {name} for the native kernels (once)", file=sys.stderr)
+    if len(parts) == 1:
+        packed = pack_gguf(parts[0])
+    else:
+        with tempfile.NamedTemporaryFile(suffix=".gguf", dir=Path(model_dir).parent) as joined:
+            for p in parts:
+                with p.open("rb") as src:
+                    shutil.copyfileobj(src, joined, 16 << 20)
+            joined.flush()
+            packed = pack_gguf(Path(joined.name))
+    try:
+        cache.parent.mkdir(exist_ok=True)
+        save_packed(packed, cache, {"model": name, "source": _file_digest(parts)})
+    except OSError:
+        pass  # a read-only model directory still works, it just packs again next time
+    return packed
+
+
 def weights_hash(model_dir: Path) -> str:
     """Hash of the weight files' bytes, memoised next to them (it identifies the model in index manifests)."""
     memo = model_dir / ".knnssd-weights-hash"

@@ -28,9 +28,13 @@ class ArchSpec:
     embed_scaled: bool = False  # embeddings times sqrt(hidden)
     act: str = "silu"  # "silu" | "gelu_tanh"
     scale_from: str = "head_dim"  # attention scale: 1/sqrt(head_dim) or 1/sqrt(query_pre_attn_scalar)
+    # GGUF stores Llama's q/k rows with each head's RoPE pairs interleaved (llama.cpp's "normal" RoPE, the
+    # lean forward's order); Qwen2 and Gemma 3 keep Hugging Face's half-split order (NEOX RoPE).
+    gguf_qk_interleaved: bool = False
 
 
-_LLAMA = ArchSpec(attn_norm="input_layernorm", mlp_norm="post_attention_layernorm")
+_LLAMA = ArchSpec(attn_norm="input_layernorm", mlp_norm="post_attention_layernorm", gguf_qk_interleaved=True)
+_QWEN2 = ArchSpec(attn_norm="input_layernorm", mlp_norm="post_attention_layernorm")
 _GEMMA3 = ArchSpec(
     attn_norm="input_layernorm",
     mlp_norm="pre_feedforward_layernorm",
@@ -42,7 +46,7 @@ _GEMMA3 = ArchSpec(
     act="gelu_tanh",
     scale_from="query_pre_attn_scalar",
 )
-ARCHS: dict[str, ArchSpec] = {"llama": _LLAMA, "qwen2": _LLAMA, "gemma3_text": _GEMMA3, "gemma3": _GEMMA3}
+ARCHS: dict[str, ArchSpec] = {"llama": _LLAMA, "qwen2": _QWEN2, "gemma3_text": _GEMMA3, "gemma3": _GEMMA3}
 
 
 class WeightSource:

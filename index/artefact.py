@@ -105,6 +105,10 @@ class IndexManifest(BaseModel):
     created_at: str = Field(description="Build time, ISO 8601 with timezone.")
     model_id: str = Field(description="Model the draft configs were searched on (engine model id).")
     model_hash: str = Field(description="Weights hash of that model; a replica serving other weights must refuse the artefact.")
+    precision: str = Field(
+        "reference", description="Engine precision the configs were measured at ('reference', 'native', 'native-f32'; older builds: "
+        "reference); a router serving another precision refuses the artefact, since a draft's cost depends on it.",
+    )
     embedder_id: str = Field(description="Embedder that produced the centroids; the router must embed prompts with the same one.")
     embedder_dim: int = Field(ge=1, description="Embedding dimension (equals the FAISS index dimension).")
     representation: str = Field(description="Prompt representation: 'minilm' (sentence-transformers) or 'llm-hidden' (mean-pooled last hidden state).")

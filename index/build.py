@@ -70,7 +70,7 @@ def build(
     corpus = load_corpus(settings.data)
     log.info("corpus %s: %d prompts in %d domains", settings.data, len(corpus), len(corpus.domains))
     if engine is None and settings.representation == "llm-hidden":
-        engine = load_engine(settings.model)  # it embeds the prompts, and a local runner reuses it
+        engine = load_engine(settings.model, settings.precision)  # it embeds the prompts, and a local runner reuses it
     if embedder is None:
         embedder = make_embedder(settings.representation, engine=engine, progress=settings.progress)
     vectors = embed_corpus(corpus, embedder)
@@ -108,6 +108,7 @@ def build(
         created_at=now_iso(),
         model_id=ident.model_id,
         model_hash=ident.weights_hash,
+        precision=ident.precision,
         embedder_id=embedder.id,
         embedder_dim=embedder.dim,
         representation=settings.representation,

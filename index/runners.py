@@ -39,10 +39,11 @@ class EngineIdentity:
     model_id: str
     weights_hash: str
     num_layers: int
+    precision: str = "reference"  # the engine precision the configs were measured at
 
     @classmethod
     def of(cls, engine: SearchEngine) -> EngineIdentity:
-        return cls(str(engine.model_id), str(engine.weights_hash), int(engine.num_layers))
+        return cls(str(engine.model_id), str(engine.weights_hash), int(engine.num_layers), str(getattr(engine, "precision", "reference")))
 
 
 class GeneralResult(BaseModel):
@@ -110,13 +111,14 @@ def measure_shards_with(engine: SearchEngine, progress: bool) -> ShardMeasurer:
 class InProcessRunner:
     """Everything in this process on one engine: `engine`, else `model` loaded on first use."""
 
-    def __init__(self, model: str, engine: SearchEngine | None = None):
+    def __init__(self, model: str, engine: SearchEngine | None = None, precision: str = "auto"):
         self.model = model
         self.engine = engine
+        self.precision = precision
 
     def __call__(self, domains: Mapping[str, Sequence[Record]], search: SearchSettings, settings: BuildSettings) -> RunnerOutput:
         if self.engine is None:
-            self.engine = load_engine(self.model)
+            self.engine = load_engine(self.model, self.precision)
         eng = self.engine
         general = general_stage(domains, settings, measure_shards_with(eng, settings.progress)) if settings.general else None
         kw = domain_kwargs(settings, general)
@@ -136,22 +138,23 @@ class Worker:
     model: str
     threads: int
     log_lines: bool
+    precision: str = "auto"
 
 
-_ENGINES: dict[str, SearchEngine] = {}
+_ENGINES: dict[tuple[str, str], SearchEngine] = {}
 
 
 def worker_engine(w: Worker) -> SearchEngine:
     """This process's engine, loaded once: a pool process, and a Ray worker reused by Ray, run many tasks."""
-    if w.model not in _ENGINES:
+    if (w.model, w.precision) not in _ENGINES:
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         if w.log_lines:
             logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
         import torch
 
         torch.set_num_threads(max(1, w.threads))
-        _ENGINES[w.model] = load_engine(w.model)
-    return _ENGINES[w.model]
+        _ENGINES[w.model, w.precision] = load_engine(w.model, w.precision)
+    return _ENGINES[w.model, w.precision]
 
 
 def search_task(w: Worker, name: str, records: list[Record], search: SearchSettings, kw: dict) -> tuple[EngineIdentity, DomainResult]:
@@ -230,7 +233,8 @@ class ProcessPoolRunner:
     def __call__(self, domains: Mapping[str, Sequence[Record]], search: SearchSettings, settings: BuildSettings) -> RunnerOutput:
         import multiprocessing as mp
 
-        w = Worker(settings.model, threads=max(1, (os.cpu_count() or 1) // settings.workers), log_lines=not settings.progress)
+        w = Worker(settings.model, threads=max(1, (os.cpu_count() or 1) // settings.workers), log_lines=not settings.progress,
+                   precision=settings.precision)
         with ProcessPoolExecutor(settings.workers, mp_context=mp.get_context("spawn")) as ex:
             return run_pooled(_Processes(ex), w, domains, search, settings)
 
@@ -265,13 +269,13 @@ class RayRunner:
         self.num_cpus_per_task = num_cpus_per_task
 
     def __call__(self, domains: Mapping[str, Sequence[Record]], search: SearchSettings, settings: BuildSettings) -> RunnerOutput:
-        w = Worker(settings.model, threads=max(1, int(self.num_cpus_per_task)), log_lines=True)
+        w = Worker(settings.model, threads=max(1, int(self.num_cpus_per_task)), log_lines=True, precision=settings.precision)
         return run_pooled(_RayTasks(self.num_cpus_per_task), w, domains, search, settings)
 
 
 def local_runner(settings: BuildSettings, engine: SearchEngine | None = None) -> Runner:
     """The runner of a local build: this process for one worker (on `engine` when given), else a process pool."""
-    return InProcessRunner(settings.model, engine) if settings.workers == 1 else ProcessPoolRunner()
+    return InProcessRunner(settings.model, engine, settings.precision) if settings.workers == 1 else ProcessPoolRunner()
 
 
 # ---------------------------------------------------------------------------------------------- progress

@@ -344,8 +344,8 @@ def _source(r: PromptLike) -> str:
     return str(getattr(r, "source", "") or "")
 
 
-def load_engine(model: str) -> SearchEngine:
+def load_engine(model: str, precision: str = "auto") -> SearchEngine:
     """The real engine (imported here so the search logic needs no torch model to import)."""
     from engine.generate import Engine
 
-    return Engine.load(model)
+    return Engine.load(model, precision=precision)

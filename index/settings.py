@@ -134,6 +134,10 @@ class BuildSettings(SearchEffort):
         "measurements; the Ray job defaults to 2 (each task has its own CPUs on the cluster).",
     )
     model: str = Field("smollm2", description="Engine model name (bundled name or a Hugging Face model directory).")
+    precision: Literal["auto", "reference", "native", "native-f32"] = Field(
+        "auto", description="Engine precision the configs are measured at (engine.generate.PRECISIONS; auto: native on a CPU for a GGUF "
+        "model). The manifest records it and a replica running another precision refuses the index.",
+    )
     threshold_quantile: float = Field(
         0.02, ge=0.0, le=1.0, description="The router's fallback threshold is this quantile of corpus prompts' similarity to their nearest centroid, minus threshold_margin."
     )

@@ -10,7 +10,8 @@ key changes again. Tenants can be pinned to an older (or newer) version from the
 
 Validation before any version is served (at start, on reload, for a pin): checksums and schema
 (`index.artefact.load_artefact`), then `validate_manifest`: the model hash equals the served weights'
-(`expect_model_hash`), the embedder is the router's (`expect_embedder_id`), and with a `ModelSpec` every
+(`expect_model_hash`), the embedder is the router's (`expect_embedder_id`), the configs were measured at the
+engine precision the replicas run (`expect_precision`, set with the model), and with a `ModelSpec` every
 draft config fits the served model (skipped layers exist, the draft vocabulary is no larger than the
 model's, knobs consistent). A refused version raises `IncompatibleArtefact` naming the reason; on reload it
 is counted per reason in `Reloader.rejected` and logged, and the old version keeps serving.
@@ -91,9 +92,15 @@ def validate_manifest(
     expect_model_hash: str | None = None,
     expect_embedder_id: str | None = None,
     spec: ModelSpec | None = None,
+    expect_precision: str | None = None,
 ) -> None:
     """Raise IncompatibleArtefact (first problem found) unless the artefact may be served with this model."""
     where = f"index version {manifest.version}"
+    if expect_precision is not None and manifest.precision != expect_precision:
+        raise IncompatibleArtefact(
+            "precision", f"{where} was measured at precision {manifest.precision!r}, the replicas run {expect_precision!r}: "
+            "its draft configs' costs do not hold there (rebuild the index at that precision)",
+        )
     if expect_model_hash is not None and manifest.model_hash != expect_model_hash:
         raise IncompatibleArtefact(
             "model_hash", f"{where} was built for {manifest.model_id!r} with weights hash {manifest.model_hash!r}, "
@@ -162,6 +169,7 @@ class Reloader:
         self.stats = stats if stats is not None else (link.stats if link is not None else RouteStats())
         self._loader = loader
         self.model_spec: ModelSpec | None = None  # set by the service (router.route builds this object)
+        self.expect_precision: str | None = None  # set with the model: the replicas' engine precision
         self.rejected: Counter[str] = Counter()  # refused published versions, by reason
         self._swap_lock = threading.Lock()  # serialises loads (poll thread vs. check_now), never requests
         self._failed: str | None = None  # last published version that failed to load
@@ -204,13 +212,16 @@ class Reloader:
     def validate(self, manifest: IndexManifest) -> None:
         """Raise IncompatibleArtefact unless `manifest` may be served (see the module docstring)."""
         validate_manifest(manifest, expect_model_hash=self.expect_model_hash,
-                          expect_embedder_id=self.expect_embedder_id, spec=self.model_spec)
+                          expect_embedder_id=self.expect_embedder_id, spec=self.model_spec,
+                          expect_precision=self.expect_precision)
 
-    def set_model(self, spec: ModelSpec | None = None, model_hash: str | None = None) -> None:
+    def set_model(self, spec: ModelSpec | None = None, model_hash: str | None = None, precision: str | None = None) -> None:
         """Check every later version (and the one serving now: raises if it does not fit) against the
-        served model."""
+        served model and the precision its replicas run."""
         if model_hash is not None:
             self.expect_model_hash = model_hash
+        if precision is not None:
+            self.expect_precision = precision
         if spec is not None:
             self.model_spec = spec
         assert self._current is not None

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -165,6 +165,22 @@ class EngineSettings(_Config):
         "bf16 on a GPU). Greedy output is identical with and without speculation for any choice."
     )
     max_seq_len: int = Field(8192, ge=16, description="Longest prompt + output a request may reach (capped by the model's context).")
+    precision: Literal["auto", "reference", "native", "native-f32"] = Field(
+        "auto", description="Arithmetic of every pass: 'reference' is fp32 on the dequantised weights; 'native' the GGUF's own "
+        "quantised blocks with int8 activations (llama.cpp's scheme) and 'native-f32' with fp32 activations, both CPU-only; "
+        "'auto' is native on a CPU for a bundled GGUF model, else reference. Lossless at every precision: speculative output "
+        "equals plain output at the same precision. The index must have been measured at the same precision.",
+    )
+
+    def served_precision(self, has_blocks: bool, gpu_reserved: bool) -> str:
+        """The precision replicas run, decided from the settings alone (the router must know it without a
+        GPU of its own): a CPU replica is one whose device is 'cpu', or 'auto' without a reserved GPU."""
+        from engine.generate import resolve_precision
+        import torch
+
+        cpu = self.device == "cpu" or (self.device == "auto" and not gpu_reserved)
+        dtype = torch.float32 if self.dtype in ("auto", "float32") else torch.bfloat16
+        return resolve_precision(self.precision, torch.device("cpu" if cpu else "cuda"), dtype, has_blocks)
 
 
 def _env_redis_url() -> str:
@@ -173,6 +189,14 @@ def _env_redis_url() -> str:
 
 class AppConfig(_Config):
     """Everything one deployment of the service needs."""
+
+    def served_precision(self) -> str:
+        """The engine precision the model replicas run (`EngineSettings.served_precision`): the router checks
+        the index against it."""
+        from engine.load import BUNDLED
+
+        has_blocks = self.model_path is None and self.model in BUNDLED
+        return self.engine.served_precision(has_blocks, self.deployments.replica.ray_actor_options.num_gpus > 0)
 
     model: str = Field("smollm2", description="Served model name (what requests put in `model`).")
     model_path: str | None = Field(

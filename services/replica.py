@@ -68,8 +68,8 @@ class ModelReplica:
         self._ready.wait()
         if self._error is not None:
             raise self._error
-        log.info("replica %s: model %s on %s (%s), up to %d requests at once", self.name,
-                 self.engine.model_id, self.engine.device, str(self.engine.dtype).replace("torch.", ""),
+        log.info("replica %s: model %s on %s (%s, precision %s), up to %d requests at once", self.name,
+                 self.engine.model_id, self.engine.device, str(self.engine.dtype).replace("torch.", ""), getattr(self.engine, "precision", "reference"),
                  self.scheduler.settings.max_running)
 
     def _loop(self) -> None:
@@ -81,7 +81,11 @@ class ModelReplica:
                 e = self.config.engine
                 source = self.config.model_path or self.config.model
                 log.info("replica loading model %s on %s with %d torch threads", source, e.device, self.threads)
-                self.engine = Engine.load(source, max_seq_len=e.max_seq_len, device=e.device, dtype=e.dtype)
+                self.engine = Engine.load(source, max_seq_len=e.max_seq_len, device=e.device, dtype=e.dtype, precision=e.precision)
+                expected = self.config.served_precision()
+                if self.engine.precision != expected:  # the router checks the index against `expected`
+                    log.warning("replica runs precision %s but the settings say replicas run %s: the index's costs may not hold",
+                                self.engine.precision, expected)
             self.scheduler = self.engine.scheduler(self.config.runtime)
         except BaseException as exc:  # noqa: BLE001 - reported to the constructor
             self._error = exc
@@ -106,6 +110,7 @@ class ModelReplica:
             "model": self.engine.model_id,
             "device": str(self.engine.device),
             "dtype": str(self.engine.dtype).replace("torch.", ""),
+            "precision": getattr(self.engine, "precision", "reference"),
             "running": running,
             "waiting": waiting,
             "max_running": self.scheduler.settings.max_running,

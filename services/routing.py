@@ -105,10 +105,13 @@ class RouterService:
 
             spec, model_hash = served_model(self.config)
             rc = router_config(self.config).model_copy(update={"expect_model_hash": model_hash})
-            log.info("router starting with index root %s (Redis %s, key prefix %r)", rc.index_root, rc.redis_url, rc.key_prefix)
+            precision = self.config.served_precision()
+            log.info("router starting with index root %s (Redis %s, key prefix %r, precision %s)", rc.index_root, rc.redis_url,
+                     rc.key_prefix, precision)
             router = Router.from_config(rc)
             try:
-                router.source.set_model(spec)  # raises if the index it starts with does not fit the model
+                # raises if the index it starts with does not fit the model or was measured at another precision
+                router.source.set_model(spec, precision=precision)
             except BaseException:
                 router.close()
                 raise

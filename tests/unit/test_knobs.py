@@ -93,9 +93,10 @@ class _Out:
 
 class _GenEngine:
     drafts: list[DraftConfig] = []
+    precision = "native"
 
     @classmethod
-    def load(cls, model, device="cpu", dtype="auto"):
+    def load(cls, model, device="cpu", dtype="auto", precision="auto"):
         return cls()
 
     def encode_prompt(self, prompt=None, messages=None):
