@@ -62,6 +62,13 @@ class DraftConfig(BaseModel):
         "continuation (prompt lookup); used instead of the model draft when it matches. 0 = off.",
     )
 
+    early_exit: int = Field(
+        0,
+        ge=0,
+        description="Early-exit draft (LayerSkip/DEL without their training): the draft runs only the first N decoder "
+        "layers, then the final norm and head; 0 (or N >= the model's layers) runs them all. Combines with skips.",
+    )
+
     model_draft: bool = Field(
         True,
         description="Draft with the model when prompt lookup proposes nothing; False drafts by lookup alone "
@@ -103,6 +110,8 @@ class DraftConfig(BaseModel):
         bad = [i for i in self.skip_attn + self.skip_mlp if i >= num_layers]
         if bad:
             raise ValueError(f"DraftConfig skips layers {bad} but the model has {num_layers} layers")
+        if self.early_exit > num_layers:
+            raise ValueError(f"DraftConfig exits after layer {self.early_exit} but the model has {num_layers} layers")
 
     @classmethod
     def plain(cls) -> DraftConfig:

@@ -56,7 +56,7 @@ def draft_plan(model: LeanModel, cfg: DraftConfig) -> DraftPlan | None:
     if not cfg.enabled or not cfg.model_draft:
         return None
     precision = {"none": "full"}.get(cfg.quantize, cfg.quantize)
-    return model.plan(cfg.skip_attn, cfg.skip_mlp, precision, cfg.draft_vocab)
+    return model.plan(cfg.skip_attn, cfg.skip_mlp, precision, cfg.draft_vocab, cfg.early_exit)
 
 
 def draft_pass_args(model: LeanModel, cfg: DraftConfig) -> dict:

@@ -245,6 +245,13 @@ static void prepare_act(Act& a, const float* x, int64_t m, int64_t k, int act, b
   }
 }
 
+// Raw pointers of prepared activations (the kernels must not reload vector internals per block).
+struct AP {
+  const float* x; const int8_t* q; const float* d; const float* s; int64_t k;
+  explicit AP(const Act& a) : x(a.x), q(a.q.empty() ? nullptr : a.q.data()), d(a.d.empty() ? nullptr : a.d.data()),
+                              s(a.sums.empty() ? nullptr : a.sums.data()), k(a.k) {}
+};
+
 // ---- kernels: one output column n for R rows (R = 4 or 1; the same per-row operations either way) ----
 
 #if defined(KNNSSD_SCALAR)
@@ -260,156 +267,181 @@ static inline V8 int_lanes(const int32_t* w, const int8_t* a) {
 }
 #endif
 
+// One block of 32 codes for R rows, into acc[R]. Rows' operations are independent of R.
 template <int R>
-static inline void kern_q4(const QP& w, const Act& a, int act, int64_t n, int64_t r0, float* y, int64_t ys) {
+static inline void block_q4(const uint8_t* cb, float scale, const AP& a, int act, int64_t r0, int64_t b, V8* acc) {
+  const int64_t K = a.k, B = K / 32;
+  const V8 s = vset1(scale);
+#if defined(KNNSSD_SCALAR)
+  float qf[32]; int32_t qi[32];
+  for (int j = 0; j < 16; ++j) { qi[j] = cb[j] & 15; qi[j + 16] = cb[j] >> 4; }
+  for (int j = 0; j < 32; ++j) qf[j] = (float)qi[j];
+  if (act == ACT_F32) {
+    V8 q0 = vload(qf), q1 = vload(qf + 8), q2 = vload(qf + 16), q3 = vload(qf + 24);
+    for (int r = 0; r < R; ++r) {
+      const float* xr = a.x + (r0 + r) * K + b * 32;
+      V8 p = vmul(q0, vload(xr)), p2 = vmul(q2, vload(xr + 16));
+      p = vfma(q1, vload(xr + 8), p); p2 = vfma(q3, vload(xr + 24), p2);
+      acc[r] = vfma(vadd(p, p2), s, acc[r]);
+    }
+  } else {
+    for (int r = 0; r < R; ++r) {
+      V8 p = int_lanes(qi, a.q + (r0 + r) * K + b * 32);
+      acc[r] = vfma(p, vmul(s, vset1(a.d[(r0 + r) * B + b])), acc[r]);
+    }
+  }
+#else
+  const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(cb));
+  const __m128i mask = _mm_set1_epi8(0x0F);
+  const __m128i lo = _mm_and_si128(v, mask), hi = _mm_and_si128(_mm_srli_epi16(v, 4), mask);
+  if (act == ACT_F32) {
+    const __m256 q0 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(lo));
+    const __m256 q1 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_unpackhi_epi64(lo, lo)));
+    const __m256 q2 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(hi));
+    const __m256 q3 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_unpackhi_epi64(hi, hi)));
+    for (int r = 0; r < R; ++r) {
+      const float* xr = a.x + (r0 + r) * K + b * 32;
+      __m256 p = _mm256_mul_ps(q0, _mm256_loadu_ps(xr)), p2 = _mm256_mul_ps(q2, _mm256_loadu_ps(xr + 16));
+      p = _mm256_fmadd_ps(q1, _mm256_loadu_ps(xr + 8), p);
+      p2 = _mm256_fmadd_ps(q3, _mm256_loadu_ps(xr + 24), p2);
+      acc[r] = _mm256_fmadd_ps(_mm256_add_ps(p, p2), s, acc[r]);
+    }
+  } else {
+    const __m256i wq = _mm256_set_m128i(hi, lo);
+    const __m256i ones = _mm256_set1_epi16(1);
+    for (int r = 0; r < R; ++r) {
+      const __m256i xa = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a.q + (r0 + r) * K + b * 32));
+      const __m256i p = _mm256_madd_epi16(_mm256_maddubs_epi16(wq, xa), ones);
+      acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_mul_ps(s, _mm256_set1_ps(a.d[(r0 + r) * B + b])), acc[r]);
+    }
+  }
+#endif
+}
+
+template <int R>
+static inline void block_q8(const int8_t* cb, float sa, float sb, int64_t G, const AP& a, int act, int64_t r0, int64_t b, V8* acc) {
+  const int64_t K = a.k, B = K / 32;
+#if defined(KNNSSD_SCALAR)
+  float qf[32]; int32_t qi[32];
+  for (int j = 0; j < 32; ++j) { qi[j] = cb[j]; qf[j] = (float)cb[j]; }
+  V8 s; for (int i = 0; i < 8; ++i) s.v[i] = i < 4 ? sa : sb;
+  if (act == ACT_F32) {
+    V8 q0 = vload(qf), q1 = vload(qf + 8), q2 = vload(qf + 16), q3 = vload(qf + 24);
+    for (int r = 0; r < R; ++r) {
+      const float* xr = a.x + (r0 + r) * K + b * 32;
+      V8 p = vmul(q0, vload(xr)), p2 = vmul(q2, vload(xr + 16));
+      p = vfma(q1, vload(xr + 8), p); p2 = vfma(q3, vload(xr + 24), p2);
+      if (G == 32) acc[r] = vfma(vadd(p, p2), vset1(sa), acc[r]);
+      else { acc[r] = vfma(p, vset1(sa), acc[r]); acc[r] = vfma(p2, vset1(sb), acc[r]); }
+    }
+  } else {
+    for (int r = 0; r < R; ++r) {
+      V8 p = int_lanes(qi, a.q + (r0 + r) * K + b * 32);
+      acc[r] = vfma(p, vmul(s, vset1(a.d[(r0 + r) * B + b])), acc[r]);
+    }
+  }
+#else
+  if (act == ACT_F32) {
+    const __m256 q0 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(cb))));
+    const __m256 q1 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(cb + 8))));
+    const __m256 q2 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(cb + 16))));
+    const __m256 q3 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(cb + 24))));
+    for (int r = 0; r < R; ++r) {
+      const float* xr = a.x + (r0 + r) * K + b * 32;
+      __m256 p = _mm256_mul_ps(q0, _mm256_loadu_ps(xr)), p2 = _mm256_mul_ps(q2, _mm256_loadu_ps(xr + 16));
+      p = _mm256_fmadd_ps(q1, _mm256_loadu_ps(xr + 8), p);
+      p2 = _mm256_fmadd_ps(q3, _mm256_loadu_ps(xr + 24), p2);
+      if (G == 32) acc[r] = _mm256_fmadd_ps(_mm256_add_ps(p, p2), _mm256_set1_ps(sa), acc[r]);
+      else { acc[r] = _mm256_fmadd_ps(p, _mm256_set1_ps(sa), acc[r]); acc[r] = _mm256_fmadd_ps(p2, _mm256_set1_ps(sb), acc[r]); }
+    }
+  } else {
+    const __m256i wq = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(cb));
+    const __m256i wa = _mm256_sign_epi8(wq, wq);
+    const __m256i ones = _mm256_set1_epi16(1);
+    const __m256 s = _mm256_set_m128(_mm_set1_ps(sb), _mm_set1_ps(sa));
+    for (int r = 0; r < R; ++r) {
+      const __m256i xa = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a.q + (r0 + r) * K + b * 32));
+      const __m256i p = _mm256_madd_epi16(_mm256_maddubs_epi16(wa, _mm256_sign_epi8(xa, wq)), ones);
+      acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_mul_ps(s, _mm256_set1_ps(a.d[(r0 + r) * B + b])), acc[r]);
+    }
+  }
+#endif
+}
+
+// Output column n for rows r0..r0+R-1. Two accumulators per row (even and odd blocks) so consecutive
+// blocks do not wait on each other's fused multiply-add; summed in one fixed order at the end.
+template <int R>
+static inline void kern_q4(const QP& w, const AP& a, int act, int64_t n, int64_t r0, float* y, int64_t ys) {
   const int64_t K = a.k, B = K / 32;
   const uint8_t* c = w.c4 + n * (K / 2);
   const float* sc = w.sc + n * B;
-  V8 acc[R];
-  for (int r = 0; r < R; ++r) acc[r] = vzero();
-  for (int64_t b = 0; b < B; ++b) {
-    const uint8_t* cb = c + b * 16;
-    const V8 s = vset1(sc[b]);
-#if defined(KNNSSD_SCALAR)
-    float qf[32]; int32_t qi[32];
-    for (int j = 0; j < 16; ++j) { qi[j] = cb[j] & 15; qi[j + 16] = cb[j] >> 4; }
-    for (int j = 0; j < 32; ++j) qf[j] = (float)qi[j];
-    if (act == ACT_F32) {
-      V8 q0 = vload(qf), q1 = vload(qf + 8), q2 = vload(qf + 16), q3 = vload(qf + 24);
-      for (int r = 0; r < R; ++r) {
-        const float* xr = a.x + (r0 + r) * K + b * 32;
-        V8 p = vmul(q0, vload(xr)), p2 = vmul(q2, vload(xr + 16));
-        p = vfma(q1, vload(xr + 8), p); p2 = vfma(q3, vload(xr + 24), p2);
-        acc[r] = vfma(vadd(p, p2), s, acc[r]);
-      }
-    } else {
-      for (int r = 0; r < R; ++r) {
-        V8 p = int_lanes(qi, a.q.data() + (r0 + r) * K + b * 32);
-        acc[r] = vfma(p, vmul(s, vset1(a.d[(r0 + r) * B + b])), acc[r]);
-      }
-    }
-#else
-    const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(cb));
-    const __m128i mask = _mm_set1_epi8(0x0F);
-    const __m128i lo = _mm_and_si128(v, mask), hi = _mm_and_si128(_mm_srli_epi16(v, 4), mask);
-    if (act == ACT_F32) {
-      const __m256 q0 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(lo));
-      const __m256 q1 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_unpackhi_epi64(lo, lo)));
-      const __m256 q2 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(hi));
-      const __m256 q3 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_unpackhi_epi64(hi, hi)));
-      for (int r = 0; r < R; ++r) {
-        const float* xr = a.x + (r0 + r) * K + b * 32;
-        __m256 p = _mm256_mul_ps(q0, _mm256_loadu_ps(xr)), p2 = _mm256_mul_ps(q2, _mm256_loadu_ps(xr + 16));
-        p = _mm256_fmadd_ps(q1, _mm256_loadu_ps(xr + 8), p);
-        p2 = _mm256_fmadd_ps(q3, _mm256_loadu_ps(xr + 24), p2);
-        acc[r] = _mm256_fmadd_ps(_mm256_add_ps(p, p2), s, acc[r]);
-      }
-    } else {
-      const __m256i wq = _mm256_set_m128i(hi, lo);
-      const __m256i ones = _mm256_set1_epi16(1);
-      for (int r = 0; r < R; ++r) {
-        const __m256i xa = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a.q.data() + (r0 + r) * K + b * 32));
-        const __m256i p = _mm256_madd_epi16(_mm256_maddubs_epi16(wq, xa), ones);
-        acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_mul_ps(s, _mm256_set1_ps(a.d[(r0 + r) * B + b])), acc[r]);
-      }
-    }
-#endif
+  V8 acc0[R], acc1[R];
+  for (int r = 0; r < R; ++r) { acc0[r] = vzero(); acc1[r] = vzero(); }
+  int64_t b = 0;
+  for (; b + 2 <= B; b += 2) {
+    block_q4<R>(c + b * 16, sc[b], a, act, r0, b, acc0);
+    block_q4<R>(c + (b + 1) * 16, sc[b + 1], a, act, r0, b + 1, acc1);
   }
+  if (b < B) block_q4<R>(c + b * 16, sc[b], a, act, r0, b, acc0);
   const float* mn = w.mn ? w.mn + n * B : nullptr;
   for (int r = 0; r < R; ++r) {
-    float t = hsum(acc[r]);
-    if (mn) t += dot8(mn, a.sums.data() + (r0 + r) * B, B);
+    float t = hsum(vadd(acc0[r], acc1[r]));
+    if (mn) t += dot8(mn, a.s + (r0 + r) * B, B);
     y[(r0 + r) * ys + n] = t;
   }
 }
 
 template <int R>
-static inline void kern_q8(const QP& w, const Act& a, int act, int64_t n, int64_t r0, float* y, int64_t ys) {
+static inline void kern_q8(const QP& w, const AP& a, int act, int64_t n, int64_t r0, float* y, int64_t ys) {
   const int64_t K = a.k, B = K / 32, G = w.group;
   const int8_t* c = w.c8 + n * K;
   const float* sc = w.sc + n * (K / G);
-  V8 acc[R];
-  for (int r = 0; r < R; ++r) acc[r] = vzero();
-  for (int64_t b = 0; b < B; ++b) {
-    const int8_t* cb = c + b * 32;
-    // scale per lane: group 32 -> one scale; group 16 -> lanes 0-3 (elements 0..15) and 4-7 (16..31)
-    const float sa = G == 32 ? sc[b] : sc[2 * b], sb = G == 32 ? sc[b] : sc[2 * b + 1];
-#if defined(KNNSSD_SCALAR)
-    float qf[32]; int32_t qi[32];
-    for (int j = 0; j < 32; ++j) { qi[j] = cb[j]; qf[j] = (float)cb[j]; }
-    V8 s; for (int i = 0; i < 8; ++i) s.v[i] = i < 4 ? sa : sb;
-    if (act == ACT_F32) {
-      V8 q0 = vload(qf), q1 = vload(qf + 8), q2 = vload(qf + 16), q3 = vload(qf + 24);
-      for (int r = 0; r < R; ++r) {
-        const float* xr = a.x + (r0 + r) * K + b * 32;
-        V8 p = vmul(q0, vload(xr)), p2 = vmul(q2, vload(xr + 16));
-        p = vfma(q1, vload(xr + 8), p); p2 = vfma(q3, vload(xr + 24), p2);
-        if (G == 32) acc[r] = vfma(vadd(p, p2), vset1(sa), acc[r]);
-        else { acc[r] = vfma(p, vset1(sa), acc[r]); acc[r] = vfma(p2, vset1(sb), acc[r]); }
-      }
-    } else {
-      for (int r = 0; r < R; ++r) {
-        V8 p = int_lanes(qi, a.q.data() + (r0 + r) * K + b * 32);
-        acc[r] = vfma(p, vmul(s, vset1(a.d[(r0 + r) * B + b])), acc[r]);
-      }
-    }
-#else
-    if (act == ACT_F32) {
-      const __m256 q0 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(cb))));
-      const __m256 q1 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(cb + 8))));
-      const __m256 q2 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(cb + 16))));
-      const __m256 q3 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(cb + 24))));
-      for (int r = 0; r < R; ++r) {
-        const float* xr = a.x + (r0 + r) * K + b * 32;
-        __m256 p = _mm256_mul_ps(q0, _mm256_loadu_ps(xr)), p2 = _mm256_mul_ps(q2, _mm256_loadu_ps(xr + 16));
-        p = _mm256_fmadd_ps(q1, _mm256_loadu_ps(xr + 8), p);
-        p2 = _mm256_fmadd_ps(q3, _mm256_loadu_ps(xr + 24), p2);
-        if (G == 32) acc[r] = _mm256_fmadd_ps(_mm256_add_ps(p, p2), _mm256_set1_ps(sa), acc[r]);
-        else { acc[r] = _mm256_fmadd_ps(p, _mm256_set1_ps(sa), acc[r]); acc[r] = _mm256_fmadd_ps(p2, _mm256_set1_ps(sb), acc[r]); }
-      }
-    } else {
-      const __m256i wq = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(cb));
-      const __m256i wa = _mm256_sign_epi8(wq, wq);
-      const __m256i ones = _mm256_set1_epi16(1);
-      const __m256 s = _mm256_set_m128(_mm_set1_ps(sb), _mm_set1_ps(sa));
-      for (int r = 0; r < R; ++r) {
-        const __m256i xa = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a.q.data() + (r0 + r) * K + b * 32));
-        const __m256i p = _mm256_madd_epi16(_mm256_maddubs_epi16(wa, _mm256_sign_epi8(xa, wq)), ones);
-        acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_mul_ps(s, _mm256_set1_ps(a.d[(r0 + r) * B + b])), acc[r]);
-      }
-    }
-#endif
+  V8 acc0[R], acc1[R];
+  for (int r = 0; r < R; ++r) { acc0[r] = vzero(); acc1[r] = vzero(); }
+  // scale per lane: group 32 -> one scale; group 16 -> lanes 0-3 (elements 0..15) and 4-7 (16..31)
+  auto sa = [&](int64_t bb) { return G == 32 ? sc[bb] : sc[2 * bb]; };
+  auto sb = [&](int64_t bb) { return G == 32 ? sc[bb] : sc[2 * bb + 1]; };
+  int64_t b = 0;
+  for (; b + 2 <= B; b += 2) {
+    block_q8<R>(c + b * 32, sa(b), sb(b), G, a, act, r0, b, acc0);
+    block_q8<R>(c + (b + 1) * 32, sa(b + 1), sb(b + 1), G, a, act, r0, b + 1, acc1);
   }
+  if (b < B) block_q8<R>(c + b * 32, sa(b), sb(b), G, a, act, r0, b, acc0);
   const float* mn = w.mn ? w.mn + n * B : nullptr;
   for (int r = 0; r < R; ++r) {
-    float t = hsum(acc[r]);
-    if (mn) t += dot8(mn, a.sums.data() + (r0 + r) * B, B);
+    float t = hsum(vadd(acc0[r], acc1[r]));
+    if (mn) t += dot8(mn, a.s + (r0 + r) * B, B);
     y[(r0 + r) * ys + n] = t;
   }
 }
 
-static inline void kern_f32(const QP& w, const Act& a, int64_t n, int64_t r, float* y, int64_t ys) {
+static inline void kern_f32(const QP& w, const AP& a, int64_t n, int64_t r, float* y, int64_t ys) {
   y[r * ys + n] = dot8(w.f + n * a.k, a.x + r * a.k, a.k);
 }
 
 // y[:, off:off+w.n] = x @ w.T (+ bias), y row stride ys. Threads split the output columns.
-static void matmul_into(const QW& qw, const Act& a, int act, float* y, int64_t ys, const float* bias) {
-  TORCH_CHECK(qw.k == a.k, "weight has ", qw.k, " inputs, activations ", a.k);
+static void matmul_into(const QW& qw, const Act& act_in, int act, float* y, int64_t ys, const float* bias) {
+  TORCH_CHECK(qw.k == act_in.k, "weight has ", qw.k, " inputs, activations ", act_in.k);
   const QP w(qw);
-  const int64_t M = a.m;
+  const AP a(act_in);
+  const int64_t M = act_in.m;
   const int64_t grain = std::max<int64_t>(8, 4096 / std::max<int64_t>(1, M * (w.k / 64)));
   at::parallel_for(0, w.n, grain, [&](int64_t n0, int64_t n1) {
     for (int64_t n = n0; n < n1; ++n) {
       if (w.fmt == FMT_F32) {
         for (int64_t r = 0; r < M; ++r) kern_f32(w, a, n, r, y, ys);
       } else {
+        // row tiles of 3 (two accumulators each: 6 of the 16 vector registers), then one of the 1-2 left;
+        // a row's arithmetic is the same in every tile
         int64_t r = 0;
         if (w.fmt == FMT_Q4) {
-          for (; r + 4 <= M; r += 4) kern_q4<4>(w, a, act, n, r, y, ys);
-          for (; r < M; ++r) kern_q4<1>(w, a, act, n, r, y, ys);
+          for (; r + 3 <= M; r += 3) kern_q4<3>(w, a, act, n, r, y, ys);
+          if (M - r == 2) kern_q4<2>(w, a, act, n, r, y, ys);
+          else if (M - r == 1) kern_q4<1>(w, a, act, n, r, y, ys);
         } else {
-          for (; r + 4 <= M; r += 4) kern_q8<4>(w, a, act, n, r, y, ys);
-          for (; r < M; ++r) kern_q8<1>(w, a, act, n, r, y, ys);
+          for (; r + 3 <= M; r += 3) kern_q8<3>(w, a, act, n, r, y, ys);
+          if (M - r == 2) kern_q8<2>(w, a, act, n, r, y, ys);
+          else if (M - r == 1) kern_q8<1>(w, a, act, n, r, y, ys);
         }
       }
       if (bias) for (int64_t r = 0; r < M; ++r) y[r * ys + n] += bias[n];
@@ -434,6 +466,40 @@ static at::Tensor linear_multi(const float* x, int64_t m, int64_t k, const std::
     off += ws[i]->n;
   }
   return y;
+}
+
+
+// Attention scores q.k_j * scale for n keys (rows of hd floats): each a dot8, four keys in flight.
+static inline void scores(const float* q, const float* k, int64_t n, int64_t hd, float scale, float* out) {
+  int64_t j = 0;
+  for (; j + 4 <= n; j += 4) {
+    V8 a0 = vzero(), a1 = vzero(), a2 = vzero(), a3 = vzero();
+    for (int64_t i = 0; i < hd; i += 8) {
+      const V8 qv = vload(q + i);
+      a0 = vfma(qv, vload(k + j * hd + i), a0);
+      a1 = vfma(qv, vload(k + (j + 1) * hd + i), a1);
+      a2 = vfma(qv, vload(k + (j + 2) * hd + i), a2);
+      a3 = vfma(qv, vload(k + (j + 3) * hd + i), a3);
+    }
+    out[j] = hsum(a0) * scale; out[j + 1] = hsum(a1) * scale; out[j + 2] = hsum(a2) * scale; out[j + 3] = hsum(a3) * scale;
+  }
+  for (; j < n; ++j) {
+    V8 a0 = vzero();
+    for (int64_t i = 0; i < hd; i += 8) a0 = vfma(vload(q + i), vload(k + j * hd + i), a0);
+    out[j] = hsum(a0) * scale;
+  }
+}
+
+// out = (sum_j w_j v_j) * inv over n value rows of hd floats (hd <= 256, a multiple of 8), in j order.
+static inline void weighted_sum(const float* w, const float* v, int64_t n, int64_t hd, float inv, float* out) {
+  V8 acc[32];
+  const int64_t c = hd / 8;
+  for (int64_t i = 0; i < c; ++i) acc[i] = vzero();
+  for (int64_t j = 0; j < n; ++j) {
+    const V8 wj = vset1(w[j]);
+    for (int64_t i = 0; i < c; ++i) acc[i] = vfma(wj, vload(v + j * hd + i * 8), acc[i]);
+  }
+  for (int64_t i = 0; i < c; ++i) vstore(out + i * 8, vmul(acc[i], vset1(inv)));
 }
 
 // ---------------------------------------------------------------------------------------------------
@@ -481,6 +547,7 @@ void attn_block(at::Tensor& x, const at::Tensor& norm, const std::vector<QW>& qk
                 const at::Tensor& rope, const at::Tensor& seg, const std::vector<at::Tensor>& caches, int64_t layer,
                 int64_t n_heads, int64_t n_kv, int64_t head_dim, int64_t window, double scale, double eps, int64_t act) {
   const int64_t T = x.size(0), D = x.size(1), H = n_heads, Hk = n_kv, hd = head_dim;
+  TORCH_CHECK(hd % 8 == 0 && hd <= 256, "head_dim must be a multiple of 8, at most 256");
   float* xp = x.data_ptr<float>();
   std::vector<float> h(T * D);
   rms_rows(xp, h.data(), T, D, norm.data_ptr<float>(), (float)eps);
@@ -538,18 +605,14 @@ void attn_block(at::Tensor& x, const at::Tensor& norm, const std::vector<QW>& qk
       sc.resize(n);
       for (int64_t qh = g * rep; qh < (g + 1) * rep; ++qh) {
         const float* q = yp + t * W + qh * hd;
-        for (int64_t j = 0; j < n; ++j) sc[j] = dot8(q, kc + (lo + j) * hd, hd) * (float)scale;
+        scores(q, kc + lo * hd, n, hd, (float)scale, sc.data());
         float mx = -INFINITY;
         for (int64_t j = 0; j < n; ++j) mx = std::max(mx, sc[j]);
         const V8 vm = vset1(mx);
         map8(sc.data(), n, [&](V8 s) { return vexp(vsub(s, vm)); });
         const float inv = 1.f / sum8(sc.data(), n);
         float* out = att.data() + (t * H + qh) * hd;
-        for (int64_t d0 = 0; d0 < hd; d0 += 8) {
-          V8 acc = vzero();
-          for (int64_t j = 0; j < n; ++j) acc = vfma(vset1(sc[j]), vload(vc + (lo + j) * hd + d0), acc);
-          vstore(out + d0, vmul(acc, vset1(inv)));
-        }
+        weighted_sum(sc.data(), vc + lo * hd, n, hd, inv, out);
       }
     }
   });
