@@ -37,10 +37,23 @@ def redis_prefix(redis_url):
 
 @pytest.fixture(scope="session")
 def smollm2():
-    """The real bundled SmolLM2-135M, loaded once (converted to the safetensors cache on first use)."""
+    """The real bundled SmolLM2-135M at the default precision (native on a CPU: its own GGUF blocks),
+    loaded once (converted to the safetensors cache and packed on first use)."""
     import torch
 
     from engine.generate import Engine
 
     torch.set_num_threads(2)
     return Engine.load("smollm2", max_seq_len=1024)
+
+
+@pytest.fixture(scope="session")
+def smollm2_ref():
+    """The same model at the `reference` precision (fp32 on the dequantised weights): what is compared with
+    transformers and llama.cpp F32."""
+    import torch
+
+    from engine.generate import Engine
+
+    torch.set_num_threads(2)
+    return Engine.load("smollm2", max_seq_len=1024, precision="reference")
