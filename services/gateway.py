@@ -158,6 +158,8 @@ def build_gateway_app(
         ok, detail = await gw.backend_available()
         info = getattr(backend, "replica_info", None)
         replica = await info() if ok and info is not None else None
+        if ok and info is not None and replica is None:  # no answer: the replica may have died meanwhile
+            ok, detail = await gw.backend_available()
         body = HealthResponse(status="ok" if ok else "unavailable", models=backend.models(), detail=detail, replica=replica)
         headers = None if ok else {"retry-after": "5"}
         return JSONResponse(body.model_dump(), status_code=200 if ok else 503, headers=headers)

@@ -56,7 +56,8 @@ class RayBackend:
         self.refused_no_replica = 0
 
     HEALTH_CACHE_S = 0.5  # /health and requests may come often; Ray is asked at most this often
-    WATCH_S = 0.5  # how often a request waiting for its first chunk checks that a replica still serves
+    WATCH_S = 0.25  # how often a call waiting for a replica checks that one still serves
+    INFO_TIMEOUT_S = 2.0  # /health's question to a replica (device, load) is given up after this
 
     def models(self) -> list[str]:
         return list(self._models)
@@ -96,16 +97,25 @@ class RayBackend:
         cached = getattr(self, "_info", None)
         if cached is not None and now - cached[0] < self.HEALTH_CACHE_S:
             return cached[1]
-        try:
-            info = await asyncio.wait_for(self.replica.info.remote(), timeout=2.0)
+        call = asyncio.ensure_future(_awaited(self.replica.info.remote()))
+        info = None
+        try:  # a replica that died a moment ago still takes the call: stop waiting once Ray knows
+            for _ in range(int(self.INFO_TIMEOUT_S / self.WATCH_S)):
+                done, _ = await asyncio.wait({call}, timeout=self.WATCH_S)
+                if done:
+                    info = call.result()
+                    break
+                if not (await self.available())[0]:
+                    break
         except asyncio.CancelledError:
             raise
         except Exception:  # noqa: BLE001 - informational only
             log.debug("replica info unavailable", exc_info=True)
-            info = None
+        finally:
+            if not call.done():
+                call.cancel()
         self._info = (now, info)
         return info
-
 
     async def route(self, req: BackendRequest) -> Routed:
         """The draft config and route info for `req`: plain when it turns speculation off, else the Router's."""
@@ -170,6 +180,10 @@ class RayBackend:
         finally:
             if not nxt.done():
                 nxt.cancel()
+
+
+async def _awaited(response: Any) -> Any:
+    return await response
 
 
 def serve_replicas_probe(handle: Any) -> tuple[bool, str | None]:
