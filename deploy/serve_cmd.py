@@ -132,6 +132,43 @@ class OwnRedis:
             self.proc.wait(timeout=10)
 
 
+def _ray_processes() -> set[str]:
+    """Names of this process's descendants that are Ray's own (GCS, raylet, its agents, workers by role)."""
+    try:
+        import psutil
+    except ImportError:  # pragma: no cover - Ray installs it
+        return set()
+    seen = set()
+    for proc in psutil.Process().children(recursive=True):
+        try:
+            if proc.status() != psutil.STATUS_ZOMBIE:
+                cmd = proc.cmdline()
+                seen.add(cmd[0].split()[0] if cmd and cmd[0].startswith("ray::") else proc.name())
+        except psutil.Error:
+            pass
+    return seen
+
+
+# Processes of the local Ray that share our process group and exit at once on SIGTERM (Serve's workers live in
+# groups of their own, so the controller and replicas are not among them).
+GROUP_SIGNAL_WITNESSES = {"gcs_server", "raylet", "ray::DashboardAgent", "ray::RuntimeEnvAgent"}
+SIGNAL_SPREAD_S = 1.0  # how long they take to go when the stop signal was sent to the whole group
+
+
+def _ray_stops_by_itself(witnesses: set[str]) -> bool:
+    """True when one of `witnesses` (Ray's processes seen running once the service was up) goes within
+    SIGNAL_SPREAD_S: the stop signal reached the whole process group or cgroup (systemd's default KillMode),
+    Ray is stopping by itself, and Serve's graceful shutdown would only wait 30 s for its controller."""
+    if not witnesses:
+        return False
+    deadline = time.monotonic() + SIGNAL_SPREAD_S
+    while witnesses <= _ray_processes():
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.1)
+    return True
+
+
 def start_own_redis(url: str) -> OwnRedis:
     """The Redis at `url`, or one started here keeping its data under the cache directory."""
     from engine.load import cache_dir
@@ -197,6 +234,7 @@ def serve(
 
     _stop_signals_interrupt()
     ray_started = False
+    witnesses: set[str] = set()
     try:
         source = cfg.model_path or cfg.model
         _say(f"model: {source} (the first start converts the bundled GGUF once, ~30 s)")
@@ -251,6 +289,8 @@ def serve(
              "    -H 'Content-Type: application/json' \\\n"
              f"    -d '{{\"model\": \"{cfg.model}\", \"prompt\": \"Why is the sky blue?\", \"max_tokens\": 32, \"temperature\": 0}}'")
         _say("Ctrl-C stops it.")
+        if local:
+            witnesses = GROUP_SIGNAL_WITNESSES & _ray_processes()
         while True:
             time.sleep(REDIS_CHECK_S)
             own.check()
@@ -261,12 +301,13 @@ def serve(
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         if ray_started:
-            from ray import serve
-
             import ray
 
+            from ray import serve
+
             try:
-                serve.shutdown()
+                if not (local and _ray_stops_by_itself(witnesses)):
+                    serve.shutdown()  # graceful: requests in flight finish
             finally:
                 ray.shutdown()
         own.stop()

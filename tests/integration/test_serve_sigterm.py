@@ -145,3 +145,50 @@ def test_sigterm_stops_knnssd_serve_cleanly_and_its_redis_keeps_tenants(tmp_path
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
+
+
+def test_sigterm_to_the_whole_process_group_stops_it_cleanly_too(tmp_path, redis_url):
+    """systemd's default (KillMode=control-group) signals every process of the service at once: Ray's own
+    processes stop by themselves, so `knnssd serve` does not wait for Serve's controller (it would only
+    time out after 30 s), and still stops everything with exit code 0."""
+    import uuid
+
+    api_port = free_port()
+    prefix = f"test:{uuid.uuid4().hex[:10]}:knnssd:"
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump({"redis_url": redis_url, "redis_prefix": prefix}))
+    log = tmp_path / "serve.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen([KNNSSD, "serve", "--config", str(tmp_path / "config.yaml"), "--port", str(api_port)],
+                                cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    seen: dict[int, str] = {}
+    try:
+        wait_for_output(log, "Ctrl-C stops it", proc, 300)
+        seen = family(proc.pid)
+        ports = listening(seen)
+        t0 = time.monotonic()
+        os.killpg(proc.pid, signal.SIGTERM)
+        code = proc.wait(timeout=120)
+        took = time.monotonic() - t0
+        tail = log.read_text().split("Ctrl-C stops it", 1)[1]
+        assert code == 0 and "stopped." in tail and "SIGTERM received" not in tail, tail[-3000:]
+        deadline = time.monotonic() + 15
+        while (left := alive(seen)) and time.monotonic() < deadline:
+            time.sleep(0.3)
+        assert not left, f"still running after SIGTERM: {left}"
+        assert not [p for p in ports if accepts(*p)], "ports still open"
+        print(f"\nSIGTERM to the group: stopped in {took:.1f} s")
+        assert took < 25  # not Serve's 30 s controller timeout on top
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        for pid in alive(seen):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        client = redis.Redis.from_url(redis_url)
+        keys = list(client.scan_iter(match=prefix[: -len("knnssd:")] + "*"))
+        if keys:
+            client.delete(*keys)
+        client.close()
