@@ -2,10 +2,13 @@
 
 Starts a local Ray that listens on loopback only, with token auth on (`deploy.ray_local`: nothing of Ray
 is reachable from another machine, and local processes need the per-run token), finds the Redis at the
-config's URL or starts a throwaway `redis-server` (`router.redis_server`), resolves the index (the config's `index_path`, else the shipped
-default), creates the dev tenant with a known key, runs the Serve app (`services.app.build_app`) and
-blocks, printing the URL, the key and a curl line. Ctrl-C (or SIGTERM) shuts Serve, Ray and a Redis it
-started down cleanly.
+config's URL or starts its own `redis-server` (`router.redis_server`: on the URL's port when that is free,
+its data kept in an append-only file under `$KNNSSD_CACHE/redis`, restarted if it dies), resolves the index
+(the config's `index_path`, else the shipped default), creates the dev tenant with a known key, runs the
+Serve app (`services.app.build_app`) and blocks, printing the URL, the key and a curl line. Ctrl-C or
+SIGTERM (what `docker stop`, systemd and process managers send) shuts Serve, Ray and a Redis it started
+down cleanly; `ray.init` installs its own SIGTERM handler (Ray's core aborts the process), so ours is
+installed again after it.
 
 `--write-serve-config` regenerates `deploy/serve_config.yaml` (for `serve run` / `serve deploy`) from
 the AppConfig defaults (`deploy.serve_config`); a test checks the shipped file is up to date.
@@ -88,6 +91,99 @@ def _raise_interrupt(signum, frame):  # SIGTERM -> the same clean shutdown as Ct
     raise KeyboardInterrupt
 
 
+def _stop_signals_interrupt() -> None:
+    """SIGTERM and SIGINT both raise KeyboardInterrupt in the main thread (the clean shutdown path)."""
+    signal.signal(signal.SIGTERM, _raise_interrupt)
+    # Ctrl-C must stop it even when started from a shell that ignores SIGINT for background jobs (a
+    # non-interactive `cmd &`, nohup wrappers, CI runners): Python keeps an inherited SIG_IGN otherwise.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
+REDIS_CHECK_S = 1.0  # how often `knnssd serve` checks that the Redis it started is still running
+
+
+class OwnRedis:
+    """The Redis `knnssd serve` started (None when it uses one that was already there): restarted on the
+    same port and data directory if it dies, stopped with the service."""
+
+    def __init__(self, url: str, proc, data_dir: Path | None) -> None:
+        self.url, self.proc, self.data_dir = url, proc, data_dir
+        self.restarts = 0
+
+    def check(self) -> None:
+        if self.proc is None or self.proc.poll() is None:
+            return
+        from router.redis_server import loopback_port, start_redis_server
+
+        code = self.proc.returncode
+        port = loopback_port(self.url)
+        try:
+            _, self.proc = start_redis_server(port=port, data_dir=self.data_dir)
+        except RuntimeError as exc:  # e.g. the port was taken meanwhile: say so, try again next time
+            _say(f"redis: the Redis started here exited (code {code}) and could not be restarted: {exc}")
+            return
+        self.restarts += 1
+        kept = f", data from {self.data_dir}" if self.data_dir else ", nothing kept"
+        _say(f"redis: the Redis started here exited (code {code}); restarted on port {port}{kept}")
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()  # redis-server flushes its append-only file on SIGTERM
+            self.proc.wait(timeout=10)
+
+
+def _ray_processes() -> set[str]:
+    """Names of this process's descendants that are Ray's own (GCS, raylet, its agents, workers by role)."""
+    try:
+        import psutil
+    except ImportError:  # pragma: no cover - Ray installs it
+        return set()
+    seen = set()
+    for proc in psutil.Process().children(recursive=True):
+        try:
+            if proc.status() != psutil.STATUS_ZOMBIE:
+                cmd = proc.cmdline()
+                seen.add(cmd[0].split()[0] if cmd and cmd[0].startswith("ray::") else proc.name())
+        except psutil.Error:
+            pass
+    return seen
+
+
+# Processes of the local Ray that share our process group and exit at once on SIGTERM (Serve's workers live in
+# groups of their own, so the controller and replicas are not among them).
+GROUP_SIGNAL_WITNESSES = {"gcs_server", "raylet", "ray::DashboardAgent", "ray::RuntimeEnvAgent"}
+SIGNAL_SPREAD_S = 1.0  # how long they take to go when the stop signal was sent to the whole group
+
+
+def _ray_stops_by_itself(witnesses: set[str]) -> bool:
+    """True when one of `witnesses` (Ray's processes seen running once the service was up) goes within
+    SIGNAL_SPREAD_S: the stop signal reached the whole process group or cgroup (systemd's default KillMode),
+    Ray is stopping by itself, and Serve's graceful shutdown would only wait 30 s for its controller."""
+    if not witnesses:
+        return False
+    deadline = time.monotonic() + SIGNAL_SPREAD_S
+    while witnesses <= _ray_processes():
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.1)
+    return True
+
+
+def start_own_redis(url: str) -> OwnRedis:
+    """The Redis at `url`, or one started here keeping its data under the cache directory."""
+    from engine.load import cache_dir
+    from router.redis_server import DataDirBusy, find_or_start_redis
+
+    data_dir: Path | None = cache_dir() / "redis"
+    try:
+        found, proc = find_or_start_redis(url, data_dir=data_dir, same_port=True)
+    except DataDirBusy as exc:
+        _say(f"warning: {exc} (another `knnssd serve`?); this one starts a Redis that keeps nothing")
+        data_dir = None
+        found, proc = find_or_start_redis(url, same_port=True)
+    return OwnRedis(found, proc, data_dir if proc is not None else None)
+
+
 def serve(
     config: Optional[Path] = typer.Option(None, "--config", "-c", help="Service config YAML (services.config.AppConfig)."),
     host: Optional[str] = typer.Option(None, "--host", help="Address to bind (default: the config's, 127.0.0.1)."),
@@ -120,7 +216,6 @@ def serve(
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from services.config import AppConfig
-    from router.redis_server import find_or_start_redis
     from services.routing import resolve_index_root
     from services.tenants import TenantStore
 
@@ -129,15 +224,17 @@ def serve(
         cfg = cfg.model_copy(update={"engine": cfg.engine.model_copy(update={k: v for k, v in (("device", device), ("dtype", dtype)) if v})})
     if host or port:
         cfg = cfg.model_copy(update={"http": cfg.http.model_copy(update={k: v for k, v in (("host", host), ("port", port)) if v})})
-    redis_url, redis_proc = find_or_start_redis(cfg.redis_url)
-    _say(f"redis: {redis_url}" + (" (started here; stops with the service)" if redis_proc else ""))
-    cfg = cfg.model_copy(update={"redis_url": redis_url})
+    own = start_own_redis(cfg.redis_url)
+    if own.proc is None:
+        _say(f"redis: {own.url}")
+    else:
+        kept = f"data kept in {own.data_dir}" if own.data_dir else "keeps nothing"
+        _say(f"redis: {own.url} (started here, {kept}; stops with the service)")
+    cfg = cfg.model_copy(update={"redis_url": own.url})
 
-    signal.signal(signal.SIGTERM, _raise_interrupt)
-    # Ctrl-C must stop it even when started from a shell that ignores SIGINT for background jobs (a
-    # non-interactive `cmd &`, nohup wrappers, CI runners): Python keeps an inherited SIG_IGN otherwise.
-    signal.signal(signal.SIGINT, signal.default_int_handler)
+    _stop_signals_interrupt()
     ray_started = False
+    witnesses: set[str] = set()
     try:
         source = cfg.model_path or cfg.model
         _say(f"model: {source} (the first start converts the bundled GGUF once, ~30 s)")
@@ -175,6 +272,7 @@ def serve(
         ray.init(address=ray_address, runtime_env=runtime_env, log_to_driver=True,
                  **(LOCAL_INIT if local else {"include_dashboard": False}))
         ray_started = True
+        _stop_signals_interrupt()  # ray.init replaced our SIGTERM handler with one that aborts the process
         serve.start(http_options={"host": cfg.http.host, "port": cfg.http.port})
         _say("starting the app...")
         serve.run(build_app(cfg), name=cfg.serve.name, route_prefix=cfg.serve.route_prefix)
@@ -188,27 +286,31 @@ def serve(
             _say(f"dev tenant {DEV_TENANT!r}, API key: {dev_key}")
         _say("try:")
         _say(f"  curl -s {base}/v1/completions -H 'Authorization: Bearer {key}' \\\n"
+             "    -H 'Content-Type: application/json' \\\n"
              f"    -d '{{\"model\": \"{cfg.model}\", \"prompt\": \"Why is the sky blue?\", \"max_tokens\": 32, \"temperature\": 0}}'")
         _say("Ctrl-C stops it.")
+        if local:
+            witnesses = GROUP_SIGNAL_WITNESSES & _ray_processes()
         while True:
-            time.sleep(3600)
+            time.sleep(REDIS_CHECK_S)
+            own.check()
     except KeyboardInterrupt:
         _say("\nshutting down...")
     finally:
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
-        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not cut the shutdown short
+        # a second Ctrl-C or SIGTERM must not cut the shutdown short (a process manager's SIGKILL still does)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
         if ray_started:
-            from ray import serve
-
             import ray
 
+            from ray import serve
+
             try:
-                serve.shutdown()
+                if not (local and _ray_stops_by_itself(witnesses)):
+                    serve.shutdown()  # graceful: requests in flight finish
             finally:
                 ray.shutdown()
-        if redis_proc is not None:
-            redis_proc.terminate()
-            redis_proc.wait(timeout=10)
+        own.stop()
         _say("stopped.")
 
 

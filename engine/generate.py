@@ -21,6 +21,7 @@ from engine.costs import PassCosts
 from engine.decode import Sequence, StepOutput
 from engine.detok import TextStream
 from engine.draft import draft_pass_args
+from engine.encode import encode_chat, encode_text
 from engine.lean import ENGINE_PRECISIONS, LeanModel
 from engine.load import load_hf_model, packed_weights, resolve_model_dir, weights_hash
 from engine.schedule import Scheduler
@@ -142,19 +143,17 @@ class Engine:
 
     def encode_prompt(self, prompt: str | None = None, messages: list[dict] | None = None) -> list[int]:
         """Chat messages go through the tokenizer's chat template; a bare prompt is wrapped as one user
-        turn when the model has a template (instruct models), else tokenised as is (base models)."""
+        turn when the model has a template (instruct models), else tokenised as is (base models). Their
+        text is always text: control-token text in it never becomes a control token (`engine.encode`)."""
         if (prompt is None) == (messages is None):
             raise ValueError("give exactly one of prompt or messages")
         has_template = bool(getattr(self.tokenizer, "chat_template", None))
         if messages is None and not has_template:
-            return list(self.tokenizer(prompt, add_special_tokens=True).input_ids)
+            return encode_text(self.tokenizer, prompt)
         if not has_template:
             raise ValueError(f"model {self.model_id} has no chat template; send a plain prompt instead")
         msgs = messages if messages is not None else [{"role": "user", "content": prompt}]
-        ids = self.tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True)
-        if hasattr(ids, "keys"):  # transformers 5 may return a BatchEncoding
-            ids = ids["input_ids"]
-        return [int(i) for i in ids]
+        return encode_chat(self.tokenizer, msgs)  # content is text: it never becomes a control token
 
     # ---- decoding ---------------------------------------------------------------------------------
 

@@ -47,7 +47,11 @@ class GatewayIngress:
 
     def __init__(self, config: AppConfig | dict, router: Any, replica: Any, **collaborators: Any) -> None:
         self.config = _config(config)
-        self.backend = RayBackend(router, replica, [self.config.model])
+        scaling = self.config.deployments.replica.autoscaling_config
+        # a scale-from-zero deployment starts a replica because a request waits for one; others answer 503
+        # at once while no replica serves (services.ray_backend)
+        self.backend = RayBackend(router, replica, [self.config.model],
+                                  wait_for_replica=scaling is not None and scaling.min_replicas == 0)
         self.collaborators = collaborators
         self._redis = None
         self._tenants = None

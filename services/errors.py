@@ -88,6 +88,12 @@ class PayloadTooLarge(ServiceError):
     status, type, code = 413, "invalid_request_error", "payload_too_large"
 
 
+class UnsupportedMediaType(ServiceError):
+    """415: the body is not declared as JSON (form, text/plain, multipart, or a charset other than UTF-8)."""
+
+    status, type, code = 415, "invalid_request_error", "unsupported_media_type"
+
+
 class RateLimited(ServiceError):
     """429. `kind` is "requests" or "tokens" (OpenAI puts the exhausted limit in `type`)."""
 
@@ -313,6 +319,35 @@ class CatchAllMiddleware:
             await mapped.response()(scope, receive, send)
 
 
+class ReceiveGuardMiddleware:
+    """Pure ASGI, outermost in the gateway: a `receive()` that raises instead of returning a message means the
+    request's other end is gone (Serve's proxy cancels its call when the client disconnects, and the
+    replica's receive then raises Ray's `TaskCancelledError`). It becomes the `http.disconnect` the ASGI spec
+    defines for that, so a client that left mid-body is a 499 (`ClientClosed`) and a cut stream stops
+    quietly, instead of an unhandled error logged with a traceback and counted as a 500."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        gone = False
+
+        async def _receive() -> Message:
+            nonlocal gone
+            if not gone:
+                try:
+                    return await receive()
+                except Exception as exc:  # noqa: BLE001 - any failure to receive: the client is unreachable
+                    log.debug("receive on %s failed (%s): the client is gone", scope.get("path"), type(exc).__name__)
+                    gone = True
+            return {"type": "http.disconnect"}
+
+        await self.app(scope, _receive, send)
+
+
 def install_error_handlers(app: FastAPI) -> None:
     """The one place that maps errors to HTTP responses in the OpenAI envelope."""
     app.add_exception_handler(ServiceError, _service_error_handler)
@@ -330,7 +365,8 @@ PROXY_CALLBACK = "services.errors:proxy_middlewares"
 
 _BY_STATUS: dict[int, type[ServiceError]] = {
     400: InvalidRequest, 401: Unauthorized, 403: Forbidden, 404: NotFound, 405: MethodNotAllowed,
-    408: RequestTimeout, 413: PayloadTooLarge, 429: RateLimited, 500: InternalError, 503: ServiceUnavailable,
+    408: RequestTimeout, 413: PayloadTooLarge, 415: UnsupportedMediaType, 429: RateLimited, 500: InternalError,
+    503: ServiceUnavailable,
 }
 
 
@@ -423,8 +459,13 @@ def patch_uvicorn_400() -> None:
 
 
 def proxy_middlewares() -> list:
-    """Serve's HTTP proxy callback (see PROXY_CALLBACK_ENV): runs in the proxy process before it listens."""
+    """Serve's HTTP proxy callback (see PROXY_CALLBACK_ENV): runs in the proxy process before it listens.
+    Besides the envelope, it bounds the time a connection may take to send its headers
+    (`services.header_timeout`, `$KNNSSD_HEADER_TIMEOUT_S`)."""
     from starlette.middleware import Middleware
 
+    from services.header_timeout import patch_uvicorn_header_timeout
+
     patch_uvicorn_400()
+    patch_uvicorn_header_timeout()  # connections whose headers do not complete in time are closed
     return [Middleware(EnvelopeMiddleware)]

@@ -45,10 +45,12 @@ from services.errors import (
     PayloadTooLarge,
     PromptTooLong,
     RateLimited,
+    ReceiveGuardMiddleware,
     RequestTimeout,
     ServiceError,
     ServiceUnavailable,
     Unauthorized,
+    UnsupportedMediaType,
     install_error_handlers,
     to_service_error,
     validation_error,
@@ -93,7 +95,8 @@ def _errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
     """OpenAPI entries for the error statuses a route can answer (all in the OpenAI envelope)."""
     why = {400: "Invalid request (the message names the parameter).", 401: "Missing or unknown API key.",
            403: "The key may not use this route.", 404: "Unknown model or path.", 408: "The body came too slowly.",
-           413: "Body too large.", 429: "Rate or concurrency limit (Retry-After says when to retry).",
+           413: "Body too large.", 415: "The body is not declared as JSON (Content-Type: application/json).",
+           429: "Rate or concurrency limit (Retry-After says when to retry).",
            503: "No replica can take the request now (Retry-After says when to retry)."}
     return {s: {"model": ErrorResponse, "description": why[s]} for s in statuses}
 
@@ -112,9 +115,10 @@ def build_gateway_app(
     gw = Gateway(backend, tenants, limiter, usage, metrics, config, count_prompt_tokens)
     app = FastAPI(title="KNN-SSD serving", summary="OpenAI-compatible completions with KNN-routed self-speculation")
     install_error_handlers(app)
-    app.add_middleware(HttpMetricsMiddleware, metrics=metrics)  # outermost: sees the final status of everything
+    app.add_middleware(HttpMetricsMiddleware, metrics=metrics)  # sees the final status of everything
+    app.add_middleware(ReceiveGuardMiddleware)  # outermost: a failed receive is a disconnect (499), not a 500
     app.state.gateway = gw
-    gen_errors = _errors(400, 401, 404, 408, 413, 429, 503)
+    gen_errors = _errors(400, 401, 404, 408, 413, 415, 429, 503)
     stream_doc = {"text/event-stream": {"schema": {"type": "string", "description": "with stream: true"}}}
 
     @app.post(COMPLETIONS, response_model=CompletionResponse, responses={
@@ -154,6 +158,8 @@ def build_gateway_app(
         ok, detail = await gw.backend_available()
         info = getattr(backend, "replica_info", None)
         replica = await info() if ok and info is not None else None
+        if ok and info is not None and replica is None:  # no answer: the replica may have died meanwhile
+            ok, detail = await gw.backend_available()
         body = HealthResponse(status="ok" if ok else "unavailable", models=backend.models(), detail=detail, replica=replica)
         headers = None if ok else {"retry-after": "5"}
         return JSONResponse(body.model_dump(), status_code=200 if ok else 503, headers=headers)
@@ -181,7 +187,8 @@ def build_gateway_app(
 def load_prompt_counter(config: AppConfig) -> PromptCounter | None:
     """Count prompt tokens with the served model's own tokenizer (`tokenizer.json` of its directory, read by
     the `tokenizers` library: no model weights); None, with a warning, when it cannot be found. Chat turns
-    are counted as their text plus CHAT_TOKENS_PER_MESSAGE each (the template's markers, roughly)."""
+    are counted as their text plus CHAT_TOKENS_PER_MESSAGE each (the template's markers, roughly); text that
+    spells a control token counts as text, as the replica tokenises it."""
     source = config.model_path or config.model
     try:
         local = Path(source).expanduser()
@@ -194,6 +201,9 @@ def load_prompt_counter(config: AppConfig) -> PromptCounter | None:
         from tokenizers import Tokenizer
 
         tok = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
+        # Prompts and message content are text: control-token text in them counts as the ordinary tokens the
+        # replica makes of it (engine.encode), never as one control token.
+        tok.encode_special_tokens = True
     except Exception as exc:  # noqa: BLE001 - the limit is a safeguard; the model's context limit still holds
         log.warning("no tokenizer for %s (%s): prompt-token limits are not enforced by the gateway", source, exc)
         return None
@@ -570,10 +580,32 @@ class _LeasedStream(StreamingResponse):
             self.lease.release()
 
 
+def check_content_type(value: str | None) -> None:
+    """415 unless the body is declared as JSON: `application/json`, with no charset or `charset=utf-8` (what
+    the `openai` client sends). A strict server: `curl -d` without `-H 'Content-Type: application/json'`
+    sends form encoding, and a form, `text/plain` or multipart body is refused rather than guessed at."""
+    media, _, params = (value or "").partition(";")
+    media = media.strip().lower()
+    if media != "application/json":
+        got = f"'{media}'" if media else "no Content-Type"
+        raise UnsupportedMediaType(
+            f"The request body must be JSON sent with 'Content-Type: application/json' (got {got})."
+        )
+    for param in params.split(";"):
+        name, _, charset = param.partition("=")
+        if name.strip().lower() == "charset" and charset.strip().strip('"').lower() not in ("utf-8", "utf8"):
+            raise UnsupportedMediaType(
+                f"The request body must be UTF-8 JSON (got charset={charset.strip()}); send "
+                "'Content-Type: application/json'."
+            )
+
+
 async def read_json_body(request: Request, limit: int, timeout_s: float | None = None) -> Any:
-    """The body as JSON, whatever the Content-Type says (curl -d sends form encoding); 413 past `limit`,
+    """The body as JSON: 415 unless the Content-Type says JSON (`check_content_type`), 413 past `limit`,
     408 when the whole body has not arrived within `timeout_s` (a client that announces more than it sends
-    must not hold a gateway slot), 400 for malformed, too deeply nested or non-UTF-8-encodable JSON."""
+    must not hold a gateway slot), 400 for malformed, too deeply nested or non-UTF-8-encodable JSON, a body
+    that is not UTF-8 (UTF-16/32, a byte order mark) or an object with a key twice (`parse_json_body`)."""
+    check_content_type(request.headers.get("content-type"))
     declared = request.headers.get("content-length")
     if declared is not None:
         try:
@@ -596,10 +628,22 @@ async def read_json_body(request: Request, limit: int, timeout_s: float | None =
             f"The request body did not arrive within {timeout_s:g}s ({len(body)} bytes"
             + (f" of {declared} announced" if declared is not None else "") + ")."
         ) from None
+    return parse_json_body(bytes(body))
+
+
+def parse_json_body(body: bytes) -> Any:
+    """Strict JSON (RFC 8259): UTF-8 without a byte order mark, no NaN/Infinity, no key twice in an object
+    (which value would win is parser-dependent, so `"model": "a", "model": "b"` is refused, not guessed)."""
     if not body.strip():
         raise InvalidRequest("The request body is empty; send a JSON object.", code="invalid_json")
+    if body.startswith(b"\xef\xbb\xbf"):
+        raise InvalidRequest("The JSON body starts with a byte order mark; send UTF-8 without one.",
+                             code="invalid_json")
+    if b"\x00" in body or body.startswith((b"\xff\xfe", b"\xfe\xff")):
+        raise InvalidRequest("The JSON body is not UTF-8 (it looks like UTF-16 or UTF-32); send UTF-8.",
+                             code="invalid_json")
     try:
-        data = json.loads(bytes(body), parse_constant=_no_constants)
+        data = json.loads(body.decode("utf-8"), parse_constant=_no_constants, object_pairs_hook=_unique_keys)
     except RecursionError:
         raise InvalidRequest(
             f"The JSON body is nested too deeply (at most {MAX_JSON_DEPTH} levels).", code="invalid_json"
@@ -650,6 +694,17 @@ def _top(path: str) -> str | None:
 
 def _no_constants(name: str) -> Any:
     raise ValueError(f"{name} is not valid JSON")
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    obj: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in obj:
+            shown = key if len(key) <= 64 else key[:64] + "..."
+            raise InvalidRequest(f"The JSON body has the key '{shown}' more than once in one object; send each "
+                                 "key once.", code="duplicate_key")
+        obj[key] = value
+    return obj
 
 
 def parse_body(schema: type[BaseModel], data: Any) -> Any:

@@ -342,11 +342,12 @@ def test_body_limit_without_content_length(client):
     assert envelope(r)["code"] == "payload_too_large"
 
 
-def test_lenient_content_type(client):
-    """curl -d sends application/x-www-form-urlencoded; a JSON body is still read as JSON."""
+def test_form_content_type_is_refused(client):
+    """curl -d without -H 'Content-Type: application/json' sends form encoding: 415, not a guess (issue 22;
+    tests/unit/test_strict_body.py has the rest)."""
     r = client.post("/v1/completions", content=json.dumps({"model": MODEL, "prompt": "x"}),
                     headers={"content-type": "application/x-www-form-urlencoded"})
-    assert r.status_code == 200, r.text
+    assert r.status_code == 415 and envelope(r)["code"] == "unsupported_media_type", r.text
 
 
 def test_models_health_and_unknown_routes(client):
