@@ -125,8 +125,8 @@ def serve(
     from services.tenants import TenantStore
 
     cfg = AppConfig.load(config)
-    if device or dtype:
-        cfg = cfg.model_copy(update={"engine": cfg.engine.model_copy(update={k: v for k, v in (("device", device), ("dtype", dtype)) if v})})
+    if device or dtype:  # validated again: a GPU device reserves a GPU for each replica
+        cfg = cfg.with_engine(device, dtype)
     if host or port:
         cfg = cfg.model_copy(update={"http": cfg.http.model_copy(update={k: v for k, v in (("host", host), ("port", port)) if v})})
     redis_url, redis_proc = find_or_start_redis(cfg.redis_url)
