@@ -11,10 +11,12 @@ Fixed-shape rows: every projection and every RMSNorm of the device-generic path 
 exactly `FIXED_ROWS` rows (the last chunk zero-padded). A kernel then always sees one shape, so its
 choice of algorithm, tiling and reduction order is fixed, and a row's result depends on its own values
 only, never on its neighbours or its place in the chunk (checked on the CPU in tests, and on a GPU by
-`probe`, which `scripts/gpu_check.sh` runs). 64 rows cost what one costs on a GPU: a bf16 GEMM stays
-memory-bound up to ~150 rows on an H100/H200, so padding is compute the device had spare. Elementwise
-ops, gathers and argmax are row-wise by nature; attention already runs per row for decode and verify
-rows (`engine.lean`).
+`probe`, which `scripts/gpu_check.sh` runs). Why 64: one chunk holds a step of 8 requests that each
+verify 8 rows, and a bf16 GEMM of 64 rows should still be bound by reading the weights on a current
+GPU (ridge point ~180 rows on an H200 by its data sheet; not yet measured here), so the padding is
+compute the device had spare; prefill chunks of 128 rows take two chunks. Elementwise ops, gathers and
+argmax are row-wise by nature; attention already runs per row for decode and verify rows
+(`engine.lean`).
 
 `python -m engine.gpu probe --device cuda` prints and writes the invariance probe: `F.linear(x[:1], W)`
 against `F.linear(x, W)[:1]` for M = 1..16 (plain kernels, for the record) and the same for the
@@ -39,16 +41,17 @@ def _chunks(x: torch.Tensor, rows: int, fn: Callable[[torch.Tensor], torch.Tenso
     if n == rows:
         return fn(x)
     if n < rows:
-        pad = x.new_zeros((rows, *x.shape[1:]))
-        pad[:n] = x
-        return fn(pad)[:n]
+        return fn(_pad_rows(x, rows))[:n]
     full = n - n % rows
     outs = [fn(x[i : i + rows]) for i in range(0, full, rows)]
     if full < n:
-        pad = x.new_zeros((rows, *x.shape[1:]))
-        pad[: n - full] = x[full:]
-        outs.append(fn(pad)[: n - full])
+        outs.append(fn(_pad_rows(x[full:], rows))[: n - full])
     return torch.cat(outs)
+
+
+def _pad_rows(x: torch.Tensor, rows: int) -> torch.Tensor:
+    """x [n, ...] zero-padded to [rows, ...] (one kernel)."""
+    return F.pad(x, (0, 0) * (x.dim() - 1) + (0, rows - x.shape[0]))
 
 
 class FixedRowsLinear:
