@@ -39,11 +39,11 @@ def _chunks(x: torch.Tensor, rows: int, fn: Callable[[torch.Tensor], torch.Tenso
     """fn over x [N, ...] in chunks of exactly `rows` rows (the last zero-padded) -> [N, ...]."""
     n = x.shape[0]
     if n == rows:
-        return fn(x)
+        return fn(x.contiguous())  # one memory layout for every chunk (q/k norms get strided views)
     if n < rows:
         return fn(_pad_rows(x, rows))[:n]
     full = n - n % rows
-    outs = [fn(x[i : i + rows]) for i in range(0, full, rows)]
+    outs = [fn(x[i : i + rows].contiguous()) for i in range(0, full, rows)]
     if full < n:
         outs.append(fn(_pad_rows(x[full:], rows))[: n - full])
     return torch.cat(outs)

@@ -28,7 +28,7 @@ DEVICE=${KNNSSD_GPU_DEVICE:-cuda}
 MODEL=${KNNSSD_GPU_MODEL:-random:qwen2.5-coder-0.5b}
 OUT=${OUT:-out/gpu}
 WHEELS=${GPU_CHECK_WHEELS:-gpu_wheels}
-BUDGET=${GPU_CHECK_BUDGET_S:-540}           # the device tool allows 600 s per command
+BUDGET=${GPU_CHECK_BUDGET_S:-480}           # well inside 600 s per command, with a GPU machine's start
 TOKENS=${GPU_CHECK_TOKENS:-64}              # new tokens per request in the benches
 LIMIT=${GPU_CHECK_LIMIT:-2}                 # bench engine prompts per kind (the built-in set has 2 of 5 kinds)
 CONCURRENCY=${GPU_CHECK_CONCURRENCY:-1,4,16}
@@ -118,11 +118,11 @@ PY
 
 DTYPE=$([[ $DEVICE == cpu ]] && echo float32 || echo bfloat16)
 step probe 120 "$PY" -m engine.gpu probe --device "$DEVICE" --dtype "$DTYPE" --json "$OUT/probe.json"
-step gpu-tests 300 "$PY" -m pytest -q -m gpu -p no:cacheprovider -W default "$GPU_TESTS"
-step bench-engine 300 "$PY" -m deploy bench engine --model "$MODEL" --device "$DEVICE" --threads "$THREADS" \
+step gpu-tests 240 "$PY" -m pytest -v -m gpu -p no:cacheprovider -W default "$GPU_TESTS"
+step bench-engine 180 "$PY" -m deploy bench engine --model "$MODEL" --device "$DEVICE" --threads "$THREADS" \
   --max-new-tokens "$TOKENS" --limit "$LIMIT" --repeats 1 --config scripts/gpu_check_configs.json \
   --json "$OUT/bench-engine.json" --plot "$OUT/bench-engine.png"
-step bench-serve 300 "$PY" -m deploy bench serve --model "$MODEL" --device "$DEVICE" --threads "$THREADS" \
+step bench-serve 180 "$PY" -m deploy bench serve --model "$MODEL" --device "$DEVICE" --threads "$THREADS" \
   --concurrency "$CONCURRENCY" --requests "$REQUESTS" --max-new-tokens "$TOKENS" --max-running 16 \
   --config "$SERVE_CONFIG" --json "$OUT/bench-serve.json" --plot "$OUT/bench-serve.png"
 
