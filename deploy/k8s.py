@@ -146,7 +146,7 @@ def k8s_app_defaults(name: str = "knnssd", mount_path: str = "/data") -> dict[st
         "deployments": {
             "replica": {
                 "name": "ModelReplica",
-                "max_ongoing_requests": 4,
+                "max_ongoing_requests": 8,  # a GPU replica takes what its runtime batches (runtime.max_running)
                 "autoscaling_config": {"min_replicas": 1, "max_replicas": 4, "target_ongoing_requests": 2.0},
                 "ray_actor_options": {"num_cpus": 1.0, "num_gpus": 1.0},
             }

@@ -197,6 +197,9 @@ def serve(
     ),
     device: Optional[str] = typer.Option(None, "--device", help="Model replicas' device: cpu, cuda, cuda:N or auto (default: the config's, auto)."),
     dtype: Optional[str] = typer.Option(None, "--dtype", help="float32, bfloat16, float16 or auto (default: the config's, auto: fp32 on CPU, bf16 on GPU)."),
+    precision: Optional[str] = typer.Option(
+        None, "--precision", help="auto, reference, native or native-f32 (default: the config's, auto: native on a CPU for a GGUF model)."
+    ),
     write_serve_config: bool = typer.Option(
         False, "--write-serve-config", help=f"Regenerate {SERVE_CONFIG_PATH.name} from the config defaults and exit."
     ),
@@ -220,8 +223,8 @@ def serve(
     from services.tenants import TenantStore
 
     cfg = AppConfig.load(config)
-    if device or dtype:
-        cfg = cfg.model_copy(update={"engine": cfg.engine.model_copy(update={k: v for k, v in (("device", device), ("dtype", dtype)) if v})})
+    if device or dtype or precision:  # validated again: a GPU device reserves a GPU for each replica
+        cfg = cfg.with_engine(device, dtype, precision)
     if host or port:
         cfg = cfg.model_copy(update={"http": cfg.http.model_copy(update={k: v for k, v in (("host", host), ("port", port)) if v})})
     own = start_own_redis(cfg.redis_url)

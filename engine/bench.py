@@ -20,7 +20,6 @@ from __future__ import annotations
 import json
 import math
 import statistics
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +29,7 @@ import torch
 from engine.config import DraftConfig, SamplingParams
 from engine.draft import draft_pass_args
 from engine.generate import Engine
+from engine.gpu import device_clock
 
 # The named configs live in engine.named_configs (the index takes its general candidates from them
 # without torch); re-exported here, where the bench's callers and tests import them.
@@ -155,7 +155,7 @@ def run_bench(
         out: dict[DraftConfig | None, tuple] = {}
         for _ in range(repeats):
             for cfg in order:
-                t0 = time.perf_counter()
+                t0 = device_clock(engine.device)
                 if cfg is None:
                     toks, st = _hf_generate(engine, ids, max_new_tokens), None
                 elif isinstance(cfg, str):
@@ -163,7 +163,7 @@ def run_bench(
                 else:
                     r = engine.generate(ids, params, cfg)
                     toks, st = r.token_ids, r.stats
-                times.setdefault(cfg, []).append(time.perf_counter() - t0)
+                times.setdefault(cfg, []).append(device_clock(engine.device) - t0)
                 out[cfg] = (toks, st)
                 if on_step:
                     on_step()
@@ -254,10 +254,10 @@ def verify_cost(engine: Engine, sizes=(1, 2, 3, 4, 5, 8), context: int = 128, re
         lean.forward(ctx, 0)
         for _ in range(reps):
             for m in sizes:
-                toks = torch.randint(0, lean.vocab, (m,))
-                t0 = time.perf_counter()
+                toks = torch.randint(0, lean.vocab, (m,)).to(lean.device)
+                t0 = device_clock(lean.device)
                 lean.forward(toks, context)
-                times[m].append(time.perf_counter() - t0)
+                times[m].append(device_clock(lean.device) - t0)
     base = statistics.median(times[sizes[0]])
     return {
         str(m): {"ms": round(statistics.median(t) * 1e3, 2), "ratio_to_1": round(statistics.median(t) / base, 3)}
@@ -272,14 +272,14 @@ def draft_cost(engine: Engine, configs: dict[str, DraftConfig], context: int = 1
     ctx = torch.randint(0, lean.vocab, (context,))
     runs = {name: draft_pass_args(lean, c) for name, c in configs.items() if c.enabled and c.model_draft}
     times: dict[str, list[float]] = {n: [] for n in [PLAIN, *runs]}
-    tok = torch.tensor([1])
+    tok = torch.tensor([1]).to(lean.device)
     with torch.inference_mode():
         lean.forward(ctx, 0)
         for _ in range(reps):
             for name in times:
-                t0 = time.perf_counter()
+                t0 = device_clock(lean.device)
                 lean.forward(tok, context, last_only=True, **runs.get(name, {}))
-                times[name].append(time.perf_counter() - t0)
+                times[name].append(device_clock(lean.device) - t0)
     full = statistics.median(times[PLAIN])
     return {n: (round(statistics.median(times[n]) / full, 3) if n in runs else 0.0) for n in configs}
 

@@ -147,8 +147,14 @@ class Sequence:
             return None
         return self.drafter.lookup(self.history[: self.pos + 1], limit)
 
-    def verify_segment(self, draft: Draft) -> Segment:
-        toks = torch.cat([torch.tensor([self.cur]), draft.tokens]).to(self.model.device)
+    def verify_tokens(self, draft: Draft) -> torch.Tensor:
+        """[cur, d_1..d_k] on the CPU: the rows of this step's full pass."""
+        return torch.cat([torch.tensor([self.cur]), draft.tokens])
+
+    def verify_segment(self, draft: Draft, tokens: torch.Tensor | None = None) -> Segment:
+        """The full pass's segment; `tokens` are `verify_tokens(draft)` already on the device (the
+        scheduler moves every request's in one transfer), else they are moved here."""
+        toks = self.verify_tokens(draft).to(self.model.device) if tokens is None else tokens
         return Segment(self.cache, self.pos, toks, "argmax" if self.params.greedy else "all", exact=True)
 
     def after_verify(self, draft: Draft, logits: torch.Tensor, draft_s: float, verify_s: float, step_cost: float) -> None:

@@ -156,18 +156,31 @@ def draft_batch(model: LeanModel, plan: DraftPlan, jobs: list[DraftJob]) -> int:
     active = [j for j in jobs if j.limit > 0]
     step = 0
     while active:
-        segs = [Segment(j.cache, j.pos + step, torch.tensor([j.tokens[-1] if j.tokens else j.cur], device=dev))
-                for j in active]
+        # one transfer in and one out per draft position for the whole group (not per job)
+        inputs = torch.tensor([j.tokens[-1] if j.tokens else j.cur for j in active]).to(dev)
+        segs = [Segment(j.cache, j.pos + step, inputs[i : i + 1]) for i, j in enumerate(active)]
         logits = model.forward_batch(segs, plan)
+        picks, probs = [], []
+        greedy = [i for i, j in enumerate(active) if j.params.greedy]
+        if greedy:  # top-1 probability = exp(max - logsumexp), without materialising a softmax per job
+            lg = torch.cat([logits[i] for i in greedy]).float()  # [G, V]
+            top, tok = lg.max(dim=-1)
+            conf = torch.exp(top - torch.logsumexp(lg, dim=-1))
+            picks.append(torch.stack([conf, tok.float()], dim=1))
+        for i, j in enumerate(active):
+            if not j.params.greedy:
+                p = probs_for(logits[i], j.params)[0]  # [V]
+                probs.append(p)
+                picks.append(torch.stack([p.max(), sample(p.unsqueeze(0), j.gen)[0].float()]).unsqueeze(0))
+        host = torch.cat(picks).cpu().tolist()  # [(conf, token)] greedy jobs first, then sampled ones
+        order = greedy + [i for i, j in enumerate(active) if not j.params.greedy]
+        by_job = dict(zip(order, host))
+        sampled = iter(probs)
         still = []
-        for j, lg in zip(active, logits):
-            if j.params.greedy:
-                conf, tok = torch.softmax(lg[0].float(), dim=-1).max(dim=-1)
-                p = None
-            else:
-                p = probs_for(lg, j.params)[0]  # [V]
-                conf, tok = p.max(), sample(p.unsqueeze(0), j.gen)[0]
-            if float(conf) < j.threshold:
+        for i, j in enumerate(active):
+            conf, tok = by_job[i]
+            p = None if j.params.greedy else next(sampled)
+            if conf < j.threshold:
                 continue
             j.tokens.append(int(tok))
             if p is not None:

@@ -99,6 +99,10 @@ class Engine:
 
         if threads:
             torch.set_num_threads(threads)
+        if model.startswith("random:"):  # a random-weight model of a real shape, built on the device
+            from engine.random_model import random_engine
+
+            return random_engine(model, max_seq_len=max_seq_len, device=device, dtype=dtype)
         path, model_id = resolve_model_dir(model)
         dev, dt = resolve_device(device, dtype)
         config = AutoConfig.from_pretrained(path)

@@ -6,7 +6,8 @@ many rows share the matmul), the draft only has to be cheap.
   whether a matmul has 1 or 70 rows, and a 4-8 row matmul costs ~1.1-1.3x a 1-row one, which is what
   makes verifying several tokens nearly free. MKL's `F.linear` is neither (rows differ with M).
 - `DenseLinear` (any device, any float dtype): `F.linear` / cuBLAS; the GPU verify and the
-  device-generic path tests run on the CPU.
+  device-generic path tests run on the CPU. Wrapped in `engine.gpu.FixedRowsLinear` there (fixed-shape
+  row chunks), since cuBLAS and MKL rows are not batch-invariant by themselves.
 - `Int8Linear` / `Int4Linear` (CPU drafts): weight-only int8 per output row, or int4 per group of 32
   inputs (asymmetric min/max, the layout of GGUF Q4_1: a Q4_1 model's fp32 weights are exactly such
   groups, so its int4 draft sees the bundled bits again), both with bf16 activations, which is what
@@ -23,6 +24,8 @@ from typing import Protocol
 
 import torch
 import torch.nn.functional as F
+
+from engine.gpu import FixedRowsLinear
 
 PRECISIONS = ("full", "int8", "int4")
 INT4_GROUP = 32
@@ -134,12 +137,15 @@ def make_linear(
     if precision == "full":
         if cpu and dtype == torch.float32:
             return OneDnnLinear(weight, bias)
+        if not cpu:  # device-generic: F.linear rows depend on M; fixed-shape chunks make them not (engine.gpu)
+            return FixedRowsLinear(DenseLinear(weight, bias, device=device, dtype=dtype))
         return DenseLinear(weight, bias, device=device, dtype=dtype)
     if cpu and precision == "int8":
         return Int8Linear(weight, bias)
     if cpu and precision == "int4" and weight.shape[1] % INT4_GROUP == 0 and weight.shape[0] % 16 == 0:
         return Int4Linear(weight, bias)
-    return DenseLinear(weight, bias, device=device, dtype=torch.bfloat16 if device.type != "cpu" else dtype)
+    dense = DenseLinear(weight, bias, device=device, dtype=torch.bfloat16 if device.type != "cpu" else dtype)
+    return dense if cpu else FixedRowsLinear(dense)
 
 
 class NativeLinear:

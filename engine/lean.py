@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from engine.gpu import rms_norm_fixed
 from engine.head import GreedyHead
 from engine.kernels import PRECISIONS, Linear, NativeLinear, make_linear
 from engine.kvcache import SeqCache
@@ -422,6 +423,8 @@ class LeanModel:
     # ---- hot path -------------------------------------------------------------------------------
 
     def _rms(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:  # x: [..., n], w: [n]
+        if self.generic or self.device.type != "cpu":
+            return rms_norm_fixed(x, w, self.eps)  # batch-invariant rows off the CPU fast path (engine.gpu)
         return F.rms_norm(x, (x.shape[-1],), w, self.eps)
 
     def _rotate(self, qk: torch.Tensor, rows) -> None:

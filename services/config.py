@@ -48,7 +48,10 @@ class RayActorOptions(_Config):
     """Resources each replica actor reserves."""
 
     num_cpus: float = Field(1.0, ge=0, description="CPUs reserved per replica.")
-    num_gpus: float = Field(0.0, ge=0, description="GPUs reserved per replica (1 for GPU model replicas).")
+    num_gpus: float = Field(
+        0.0, ge=0, description="GPUs reserved per replica (1 for GPU model replicas; an `engine.device` of "
+        "'cuda' or 'cuda:N' reserves 1 when this is 0, since Ray hides unreserved GPUs from an actor).",
+    )
 
 
 class DeploymentSettings(_Config):
@@ -59,7 +62,10 @@ class DeploymentSettings(_Config):
     autoscaling_config: AutoscalingSettings | None = Field(
         None, description="Autoscale between min and max replicas instead of a fixed count."
     )
-    max_ongoing_requests: int = Field(8, ge=1, description="Most requests one replica handles at once.")
+    max_ongoing_requests: int = Field(
+        8, ge=1, description="Most requests one replica handles at once (for GPU model replicas at least "
+        "`runtime.max_running`, which AppConfig enforces: the runtime could not batch more than Serve sends it).",
+    )
     max_queued_requests: int = Field(
         -1, ge=-1, description="Requests queued per caller before 503 (back-pressure); -1 for no limit."
     )
@@ -182,6 +188,11 @@ class EngineSettings(_Config):
         dtype = torch.float32 if self.dtype in ("auto", "float32") else torch.bfloat16
         return resolve_precision(self.precision, torch.device("cpu" if cpu else "cuda"), dtype, has_blocks)
 
+    @property
+    def wants_gpu(self) -> bool:
+        """An explicit GPU device ('auto' follows what Ray reserved; 'cpu' never needs one)."""
+        return self.device.split(":")[0] == "cuda"
+
 
 def _env_redis_url() -> str:
     return os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
@@ -223,6 +234,29 @@ class AppConfig(_Config):
         description="How one replica batches requests: slots, waiting queue, prefill chunks, load-aware speculation.",
     )
     serve: ServeAppConfig = Field(default_factory=ServeAppConfig, description="How the Serve application is named and built.")
+
+    @model_validator(mode="after")
+    def _gpu_replicas(self) -> AppConfig:
+        """A replica on a GPU reserves one and takes what it batches. Ray shows an actor only the GPUs it
+        reserved (CUDA_VISIBLE_DEVICES), so `device: cuda` with `num_gpus: 0` would fail at load, and
+        `auto` would silently run on the CPU in fp32. Serve sends a replica at most
+        `max_ongoing_requests`, so below `runtime.max_running` a GPU's batch slots would stay empty."""
+        rep = self.deployments.replica
+        opts = rep.ray_actor_options
+        update: dict[str, Any] = {}
+        if self.engine.wants_gpu and opts.num_gpus == 0:
+            opts = opts.model_copy(update={"num_gpus": 1.0})
+            update["ray_actor_options"] = opts
+        if opts.num_gpus > 0 and rep.max_ongoing_requests < self.runtime.max_running:
+            update["max_ongoing_requests"] = self.runtime.max_running
+        if update:
+            self.deployments = self.deployments.model_copy(update={"replica": rep.model_copy(update=update)})
+        return self
+
+    def with_engine(self, device: str | None = None, dtype: str | None = None, precision: str | None = None) -> AppConfig:
+        """This config with another replica device, dtype and/or precision, validated again (GPU reservation)."""
+        engine = self.engine.model_copy(update={k: v for k, v in (("device", device), ("dtype", dtype), ("precision", precision)) if v})
+        return type(self).model_validate(self.model_dump() | {"engine": engine.model_dump()})
 
     @classmethod
     def from_yaml(cls, path: str | os.PathLike[str]) -> AppConfig:

@@ -24,6 +24,8 @@ class FakeEngine:
     """Each generate advances a fake clock by the config's cost x the prompt's length; the first timed run
     of every (config, prompt) is disturbed (3x slower)."""
 
+    device = None  # nothing to wait for
+
     def __init__(self, clock):
         self.clock, self.calls, self.seen = clock, [], set()
 
@@ -43,7 +45,7 @@ class FakeEngine:
 @pytest.fixture
 def fake(monkeypatch):
     clock = [0.0]
-    monkeypatch.setattr("engine.bench.time.perf_counter", lambda: clock[0])
+    monkeypatch.setattr("engine.gpu.time.perf_counter", lambda: clock[0])  # engine.bench times through engine.gpu.device_clock
     return FakeEngine(clock)
 
 

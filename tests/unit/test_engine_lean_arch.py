@@ -123,6 +123,7 @@ def test_int4_recovers_weights_that_are_q4_groups():
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma3"])
 def test_device_generic_path_matches_transformers_in_fp32_and_bf16(arch):
     """The path GPUs take (F.linear kernels, cos/sin RoPE, any dtype), run on the CPU."""
+    from engine.gpu import FixedRowsLinear
     from engine.kernels import DenseLinear
     from engine.weights import WeightSource
 
@@ -133,7 +134,8 @@ def test_device_generic_path_matches_transformers_in_fp32_and_bf16(arch):
     rotary = getattr(model.model, "language_model", model.model).rotary_emb
     for dtype, tol in ((torch.float32, 1e-4), (torch.bfloat16, 0.15)):
         lean = LeanModel(WeightSource.from_module(model), model.config, max_seq_len=64, dtype=dtype, rotary=rotary, generic=True)
-        assert not lean.complex_rope and isinstance(lean.layers[0].proj["full"].qkv, DenseLinear)
+        qkv = lean.layers[0].proj["full"].qkv
+        assert not lean.complex_rope and isinstance(qkv, FixedRowsLinear) and isinstance(qkv.inner, DenseLinear)
         with torch.inference_mode():
             out = torch.cat([lean.forward(ids[:5], 0), lean.forward(ids[5:], 5)]).float()
         assert (out - ref).abs().max() < tol * max(1.0, ref.abs().max().item()), dtype

@@ -190,3 +190,16 @@ def test_the_readme_cluster_config_example_renders():
     rs = yaml.safe_load(k8s.render(cfg)["rayservice.yaml"])
     assert rs["spec"]["rayClusterConfig"]["workerGroupSpecs"][0]["maxReplicas"] == 8
     assert yaml.safe_load(rs["spec"]["serveConfigV2"])["applications"][0]["deployments"][2]["autoscaling_config"]["max_replicas"] == 8
+
+
+def test_a_gpu_device_reserves_a_gpu_in_the_render():
+    """An app on `device: cuda` reserves a GPU per replica in serveConfigV2 even when its config says 0, and
+    a GPU replica accepts as many requests as its runtime batches."""
+    cfg = K8sConfig.model_validate({"app": {"engine": {"device": "cuda"}, "runtime": {"max_running": 12},
+                                            "deployments": {"replica": {"ray_actor_options": {"num_gpus": 0}}}}})
+    serve_cfg = yaml.safe_load(yaml.safe_load(k8s.render(cfg)["rayservice.yaml"])["spec"]["serveConfigV2"])
+    rep = {d["name"]: d for d in serve_cfg["applications"][0]["deployments"]}["ModelReplica"]
+    assert rep["ray_actor_options"]["num_gpus"] == 1 and rep["max_ongoing_requests"] == 12
+    default = yaml.safe_load(yaml.safe_load(k8s.render(K8sConfig())["rayservice.yaml"])["spec"]["serveConfigV2"])
+    rep = {d["name"]: d for d in default["applications"][0]["deployments"]}["ModelReplica"]
+    assert rep["ray_actor_options"]["num_gpus"] == 1 and rep["max_ongoing_requests"] >= 8

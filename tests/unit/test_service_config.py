@@ -77,3 +77,33 @@ def test_serve_config_is_valid_for_ray():
     assert deps["Gateway"]["num_replicas"] == 1
     # the builder gets the whole config back
     assert AppConfig.model_validate(sc["applications"][0]["args"]["config"]) == c
+
+
+@pytest.mark.parametrize("device", ["cuda", "cuda:1"])
+def test_a_gpu_device_reserves_a_gpu_and_takes_what_it_batches(device):
+    """`device: cuda` with the default `num_gpus: 0` made Ray hide the GPU from the replica (it then failed
+    at load, and `auto` ran on the CPU); a GPU replica must also accept `max_running` requests."""
+    c = AppConfig.model_validate({"engine": {"device": device}})
+    rep = c.deployments.replica
+    assert rep.ray_actor_options.num_gpus == 1 and rep.max_ongoing_requests >= c.runtime.max_running == 8
+    entry = {d["name"]: d for d in c.serve_config()["applications"][0]["deployments"]}["ModelReplica"]
+    assert entry["ray_actor_options"]["num_gpus"] == 1 and entry["max_ongoing_requests"] == 8
+    assert AppConfig.model_validate(c.model_dump()) == c  # stable once lifted
+    # a fraction the operator chose stays; a larger batch lifts max_ongoing_requests with it
+    c = AppConfig.model_validate({"engine": {"device": device}, "runtime": {"max_running": 16},
+                                  "deployments": {"replica": {"name": "ModelReplica", "ray_actor_options": {"num_gpus": 0.5}}}})
+    assert c.deployments.replica.ray_actor_options.num_gpus == 0.5 and c.deployments.replica.max_ongoing_requests == 16
+
+
+def test_cpu_and_auto_devices_reserve_no_gpu():
+    for device in ("cpu", "auto"):
+        rep = AppConfig.model_validate({"engine": {"device": device}}).deployments.replica
+        assert rep.ray_actor_options.num_gpus == 0 and rep.max_ongoing_requests == 4
+
+
+def test_with_engine_validates_again():
+    """`knnssd serve --device cuda` goes through `with_engine` (a plain model_copy skipped validation)."""
+    c = AppConfig().with_engine(device="cuda")
+    assert c.engine.device == "cuda" and c.engine.dtype == "auto"
+    assert c.deployments.replica.ray_actor_options.num_gpus == 1 and c.deployments.replica.max_ongoing_requests == 8
+    assert AppConfig().with_engine(dtype="bfloat16").deployments.replica.ray_actor_options.num_gpus == 0
