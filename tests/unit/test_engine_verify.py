@@ -118,10 +118,11 @@ def test_config_id_is_stable_across_added_knobs():
 
     c = DraftConfig(skip_mlp=(3, 1), quantize="int8")
     # the id as computed before `model_draft` existed: artefacts and caches store such ids
-    legacy = {k: v for k, v in c.model_dump(mode="json").items() if k != "model_draft"}
+    legacy = {k: v for k, v in c.model_dump(mode="json").items() if k not in ("model_draft", "early_exit")}
     expect = "ssd-" + hashlib.sha256(json.dumps(legacy, sort_keys=True).encode()).hexdigest()[:10]
     assert c.config_id == expect
     assert DraftConfig(skip_mlp=(1, 3), quantize="int8", model_draft=False).config_id != expect
+    assert DraftConfig(skip_mlp=(1, 3), quantize="int8", early_exit=20).config_id != expect
     assert DraftConfig.plain().config_id == "plain"
 
 
