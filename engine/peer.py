@@ -41,13 +41,18 @@ def parse_peer(value: str | None) -> list[str]:
 
 
 def _gguf_type(path: Path) -> str:
-    import gguf
-
+    """The file's own type as llama.cpp names it (general.file_type: Q4_1, Q4_K_M, ...), else its commonest
+    projection type."""
     from collections import Counter
 
+    import gguf
+
     reader = gguf.GGUFReader(str(path))
-    counts = Counter(t.tensor_type.name for t in reader.tensors if t.name.startswith("blk.") and t.name.endswith(".weight")
-                     and len(t.shape) == 2)
+    field = reader.fields.get("general.file_type")
+    if field is not None:
+        name = gguf.LlamaFileType(int(field.parts[field.data[0]][0])).name
+        return name.removeprefix("MOSTLY_").removeprefix("ALL_")
+    counts = Counter(t.tensor_type.name for t in reader.tensors if t.name.startswith("blk.") and len(t.shape) == 2)
     return counts.most_common(1)[0][0]
 
 
