@@ -44,3 +44,17 @@ def smollm2():
 
     torch.set_num_threads(2)
     return Engine.load("smollm2", max_seq_len=1024)
+
+
+# Every precision the engine's full (verify) pass offers. The bit-exactness tests run at each
+# (tests/integration/test_engine_exact_real.py): a new precision is one more name here and its load in
+# `engine_at_precision`.
+ENGINE_PRECISIONS = ("reference",)
+
+
+@pytest.fixture(scope="session", params=ENGINE_PRECISIONS)
+def engine_at_precision(request, smollm2):
+    """The real SmolLM2 at each precision of ENGINE_PRECISIONS ('reference': fp32, oneDNN-packed on the CPU)."""
+    if request.param == "reference":
+        return smollm2
+    raise NotImplementedError(f"no loader for precision {request.param!r}")

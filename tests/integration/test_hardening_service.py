@@ -401,6 +401,12 @@ def test_the_bad_input_table_is_long_enough():
     assert len({c[0] for c in BODY_CASES} | {c[0] for c in RAW_CASES}) == len(BODY_CASES) + len(RAW_CASES)
 
 
+def _timed(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
 def _still_serves(service) -> None:
     r = httpx.get(service["url"] + "/v1/models", headers=auth(service), timeout=30)
     assert r.status_code == 200, r.text
@@ -424,10 +430,11 @@ def test_bad_body_gets_a_4xx_in_the_envelope(service, case):
 def test_bad_http_gets_a_4xx_in_the_envelope(service, case):
     desc, build, status = case
     t0 = time.perf_counter()
+    # the read timeout only guards against "never answered"; how fast a busy machine answers is not the point
     got, headers, body = raw(service, build(service), timeout=BODY_TIMEOUT_S + 20)
     assert_envelope(got, headers, body, status, desc)
-    if status == 408:  # answered once the body timeout ran out, not never
-        assert BODY_TIMEOUT_S - 0.1 <= time.perf_counter() - t0 < BODY_TIMEOUT_S + 5
+    if status == 408:  # answered because the body timeout ran out, so not before it
+        assert time.perf_counter() - t0 >= BODY_TIMEOUT_S - 0.1
     _still_serves(service)
 
 
@@ -440,7 +447,11 @@ def test_after_the_table_the_model_still_answers(service):
 
 
 def test_slow_bodies_of_one_tenant_do_not_stall_another(service):
-    """66 connections of one tenant announce 1000 bytes and send 10: another tenant is answered at once."""
+    """66 connections of one tenant announce 1000 bytes and send 10: another tenant is answered as fast as
+    without them. A stall would hold its request until the slow bodies time out (BODY_TIMEOUT_S), so the
+    bound is the larger of that timeout and three times the same request's own latency measured just
+    before (the baseline: a busy machine slows both alike)."""
+    baseline = sorted(_timed(lambda: complete(service, tenant="other", timeout=60)) for _ in range(3))[1]
     socks = []
     try:
         for _ in range(SLOW_CONNECTIONS):
@@ -452,8 +463,9 @@ def test_slow_bodies_of_one_tenant_do_not_stall_another(service):
         r = complete(service, tenant="other", timeout=30)
         took = time.perf_counter() - t0
         assert r.status_code == 200, r.text
-        print(f"\n{SLOW_CONNECTIONS} slow-body connections: the other tenant's request answered in {took:.2f} s")
-        assert took < 5.0
+        print(f"\n{SLOW_CONNECTIONS} slow-body connections: the other tenant's request answered in {took:.2f} s "
+              f"(baseline {baseline:.2f} s)")
+        assert took < max(BODY_TIMEOUT_S, 3 * baseline)
         statuses = [read_response(s, BODY_TIMEOUT_S + 20)[0] for s in socks]
     finally:
         for s in socks:
@@ -464,24 +476,26 @@ def test_slow_bodies_of_one_tenant_do_not_stall_another(service):
 
 
 def test_a_rate_limited_tenant_is_refused_before_it_sends_its_body(service):
-    assert complete(service, tenant="tight").status_code == 200  # rpm=1: the window is now full
+    """The body never comes: an answer that waited for it would be the body timeout's 408, so a 429 is an
+    answer given from the headers alone (no clock involved)."""
+    assert complete(service, tenant="tight").status_code == 200  # rpm=1 in a 60 s window: the window is now full
     with socket.create_connection(("127.0.0.1", service["port"]), timeout=10) as s:
-        t0 = time.perf_counter()
         s.sendall(post_head(service["keys"]["tight"], 1000) + b'{"model": ')
-        status, headers, body = read_response(s, BODY_TIMEOUT_S - 0.5)  # well before the body timeout
+        status, headers, body = read_response(s, BODY_TIMEOUT_S + 20)
     err = assert_envelope(status, headers, body, 429)
     assert err["code"] == "rate_limit_exceeded" and int(headers["retry-after"]) >= 1
-    assert time.perf_counter() - t0 < 1.0
 
 
 def test_prompt_token_limit_refuses_before_model_work(service):
+    """Refused at the gateway: the router (the first stage after the gateway) never sees the request."""
     long_prompt = "hello " * 100  # ~100 tokens: over the "short" tenant's 20, under the default 256
-    t0 = time.perf_counter()
+    routed = _router_stats(service)["requests"]
     r = complete(service, tenant="short", prompt=long_prompt)
     err = assert_envelope(r.status_code, r.headers, r.content, 400)
     assert err["code"] == "context_length_exceeded" and err["param"] == "prompt" and "20 tokens" in err["message"]
-    assert time.perf_counter() - t0 < 1.0
+    assert _router_stats(service)["requests"] == routed
     assert complete(service, tenant="main", prompt=long_prompt).status_code == 200
+    assert _router_stats(service)["requests"] == routed + 1
 
 
 # ---------------------------------------------------------------- 3: bounded queues, 503 + Retry-After
@@ -579,11 +593,14 @@ def test_metrics_need_an_admin_key_and_disconnects_count_as_499(service):
     url = service["url"] + "/metrics"
     assert httpx.get(url, timeout=30).status_code == 401
     assert httpx.get(url, headers=auth(service), timeout=30).status_code == 403
-    # a client that hangs up while its request decodes
-    body = json.dumps({"model": MODEL, "prompt": "Count from one to twenty.", "max_tokens": CAP}).encode()
-    with socket.create_connection(("127.0.0.1", service["port"]), timeout=10) as s:
-        s.sendall(post_head(service["keys"]["disc"], len(body)) + body)
-        time.sleep(0.3)
+    # a client that hangs up while its request decodes: it reads the first streamed event (decoding has
+    # begun; CAP - 1 more tokens, one plain pass each, are still to come) and closes the connection
+    body = {"model": MODEL, "prompt": "Count from one to twenty.", "max_tokens": CAP, "stream": True,
+            "speculative": False}
+    with httpx.stream("POST", service["url"] + "/v1/completions", json=body, headers=auth(service, "disc"),
+                      timeout=60) as r:
+        assert r.status_code == 200
+        next(line for line in r.iter_lines() if line.startswith("data: "))
     deadline = time.monotonic() + 20
     while True:
         r = httpx.get(url, headers=auth(service, "ops"), timeout=30)
@@ -599,34 +616,49 @@ def test_metrics_need_an_admin_key_and_disconnects_count_as_499(service):
 # ---------------------------------------------------------------- schemathesis over the served schema
 
 
-def test_schemathesis_finds_no_server_error(service):
+SCHEMATHESIS_MIN_EXAMPLES = 5
+
+
+def test_schemathesis_finds_no_server_error(service, capsys):
     import schemathesis
     from hypothesis import HealthCheck, Phase, given, settings
 
     doc = httpx.get(service["url"] + "/openapi.json", timeout=30).json()
     schema = schemathesis.openapi.from_dict(doc)
     headers = auth(service)
+    # A time budget keeps this test's cost bounded on a busy machine; when it runs out, each remaining
+    # operation still gets MIN_EXAMPLES requests, and the cut is reported on the terminal (not silently).
     budget = time.monotonic() + 55
     seen: dict[tuple[str, int], int] = {}
+    sent: dict[str, int] = {}
+    planned: dict[str, int] = {}
     failures = []
     for result in schema.get_all_operations():
         op = result.ok()
         examples = 40 if op.method.upper() == "POST" else 8
+        planned[op.label] = examples
 
         @settings(max_examples=examples, deadline=None, database=None, derandomize=True,
                   suppress_health_check=list(HealthCheck), phases=[Phase.explicit, Phase.generate])
         @given(case=op.as_strategy())
         def run(case):
-            if time.monotonic() > budget:
+            if time.monotonic() > budget and sent.get(op.label, 0) >= SCHEMATHESIS_MIN_EXAMPLES:
                 return
             r = case.call(base_url=service["url"], headers=headers, timeout=60)
+            sent[op.label] = sent.get(op.label, 0) + 1
             seen[(op.label, r.status_code)] = seen.get((op.label, r.status_code), 0) + 1
             if r.status_code >= 500:
                 failures.append((op.label, case.body, r.status_code, r.text[:300]))
 
         run()
-    print(f"\nschemathesis: {sum(seen.values())} requests, statuses {sorted(seen.items())}")
+    cut = {label: f"{sent.get(label, 0)}/{n}" for label, n in planned.items() if sent.get(label, 0) < n}
+    with capsys.disabled():
+        print(f"\nschemathesis: {sum(seen.values())} requests over {len(planned)} operations, statuses "
+              f"{sorted(seen.items())}")
+        if cut:
+            print(f"schemathesis: the 55 s budget ran out; requests sent / planned per operation: {cut}")
     assert not failures, failures
+    assert all(sent.get(label, 0) >= min(n, SCHEMATHESIS_MIN_EXAMPLES) for label, n in planned.items()), sent
     assert any(status == 200 for (label, status) in seen if label.startswith("POST"))  # it did get through
 
 
@@ -647,15 +679,32 @@ def test_a_replica_killed_mid_load_gives_503_and_health_says_so(service):
 
     assert httpx.get(service["url"] + "/health", timeout=30).status_code == 200
     results: list[httpx.Response] = []
+    stream_events: list[str] = []
 
     def call():
         results.append(complete(service, prompt="Count from one to fifty.", max_tokens=CAP, timeout=120))
 
-    threads = [threading.Thread(target=call) for _ in range(3)]
+    decoding = threading.Event()
+
+    def streamed():  # the probe: its first event says the replica is decoding it, CAP - 1 plain passes to go
+        body = {"model": MODEL, "prompt": "Count from one to fifty.", "max_tokens": CAP, "stream": True,
+                "temperature": 0, "speculative": False}
+        try:
+            with httpx.stream("POST", service["url"] + "/v1/completions", json=body, headers=auth(service),
+                              timeout=120) as r:
+                for line in r.iter_lines():
+                    if line.startswith("data: "):
+                        stream_events.append(line[len("data: "):])
+                        decoding.set()
+        finally:
+            decoding.set()
+
+    actor = _replica_actor()
+    threads = [threading.Thread(target=streamed)] + [threading.Thread(target=call) for _ in range(3)]
     for t in threads:
         t.start()
-    time.sleep(0.8)  # one decoding, the others waiting for the replica
-    ray.kill(_replica_actor(), no_restart=True)
+    assert decoding.wait(120) and stream_events, "the probe request never started decoding"
+    ray.kill(actor, no_restart=True)  # mid-decode: an event, not a guess of how long decoding takes
     killed_at = time.monotonic()
     unhealthy_after = None
     while time.monotonic() - killed_at < 20:
@@ -668,13 +717,17 @@ def test_a_replica_killed_mid_load_gives_503_and_health_says_so(service):
     for t in threads:
         t.join(timeout=120)
     statuses = [r.status_code for r in results]
-    assert 503 in statuses and 500 not in statuses, [(r.status_code, r.text[:200]) for r in results]
+    assert set(statuses) <= {200, 503}, [(r.status_code, r.text[:200]) for r in results]
+    # the probe was decoding when its replica died: its stream ends with the error event, not a finish
+    last = json.loads(stream_events[-1]) if stream_events[-1] != "[DONE]" else None
+    assert last is not None and last["error"]["code"] in ("replica_unavailable", "service_unavailable"), stream_events
     for r in results:
         if r.status_code == 503:
             err = assert_envelope(r.status_code, r.headers, r.content, 503)
             assert err["code"] in ("replica_unavailable", "service_unavailable") and int(r.headers["retry-after"]) >= 1
     assert unhealthy_after is not None, "/health never said unavailable after the replica was killed"
-    print(f"\nreplica killed: in-flight {statuses}; /health 503 after {unhealthy_after:.2f} s")
+    print(f"\nreplica killed: in-flight stream ended with {last['error']['code']}, the others {statuses}; "
+          f"/health 503 after {unhealthy_after:.2f} s")
 
     deadline = time.monotonic() + 120  # Serve starts a new replica: health and service come back
     while httpx.get(service["url"] + "/health", timeout=30).status_code != 200:
