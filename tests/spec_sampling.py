@@ -39,7 +39,9 @@ def context_kv(model: LeanModel, context: list[int]) -> torch.Tensor:
     return cache.kv[:, :, :, : len(context) - 1].clone()
 
 
-def at_context(model: LeanModel, context: list[int], kv: torch.Tensor, params: SamplingParams, draft: DraftConfig) -> Sequence:
+def at_context(
+    model: LeanModel, context: list[int], kv: torch.Tensor, params: SamplingParams, draft: DraftConfig
+) -> Sequence:
     """A request whose prompt is `context`, already prefilled: the cache holds context[:-1] (copied from
     `kv`) and the next pass feeds context[-1], as after a prefill. No EOS: every request commits its
     tokens, so the counted outcomes are exactly the next tokens."""

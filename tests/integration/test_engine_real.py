@@ -80,6 +80,17 @@ def test_plain_matches_hf_generate(smollm2):
     assert ours.finish_reason == ("length" if ended is None else "stop")
 
 
+def test_int8_draft_weights_add_135_mb(smollm2):
+    """The README's memory figure for `quantize: "int8"`: weight-only int8 copies of the 30 layers'
+    projections plus an int8 LM head (one byte per weight, a bf16 scale per row), beside the fp32 weights."""
+    lean = smollm2.lean
+    plan = lean.plan(precision="int8")
+    layers = sum(lw.proj["int8"].nbytes for lw in lean.layers)
+    assert plan.head is not None and plan.precision == "int8"
+    added = layers + plan.head.linear.nbytes
+    assert 134e6 < added < 136e6, added
+
+
 def test_seeded_sampling_is_reproducible(smollm2):
     ids = smollm2.encode_prompt(prompt=PROMPTS["qa"])
     params = SamplingParams(max_new_tokens=24, temperature=0.9, top_p=0.95, seed=1234)

@@ -128,7 +128,8 @@ def test_the_fake_has_the_real_backends_shape(fake):
     for cls in (RayBackend, FakeBackend):
         assert inspect.isasyncgenfunction(cls.stream), cls
         assert list(inspect.signature(cls.stream).parameters) == ["self", "req"], cls
-        assert not inspect.iscoroutinefunction(cls.models) and list(inspect.signature(cls.models).parameters) == ["self"]
+        assert not inspect.iscoroutinefunction(cls.models)
+        assert list(inspect.signature(cls.models).parameters) == ["self"]
     assert isinstance(RayBackend(router=None, replica=None, models=[MODEL]), Backend) and isinstance(fake, Backend)
 
 
