@@ -59,8 +59,9 @@ SLOW_CONNECTIONS = 66
 
 
 class QueueReplica:
-    """Stands in for ModelReplica in the "/q" app: "SLOW" holds it 3 s; "FULL" raises ServiceUnavailable,
-    as the batched replica does when its own queue is full."""
+    """Stands in for ModelReplica in the "/q" app: "SLOW" holds it 3 s, "HANG" 60 s (until its client goes
+    and Serve cancels it); "FULL" raises ServiceUnavailable, as the batched replica does when its own
+    queue is full."""
 
     def __init__(self, config=None) -> None:
         self.config = config
@@ -70,6 +71,8 @@ class QueueReplica:
             raise ServiceUnavailable("The replica's queue is full.", retry_after_s=7.0)
         if "SLOW" in (req.prompt or ""):
             await asyncio.sleep(3.0)
+        if "HANG" in (req.prompt or ""):
+            await asyncio.sleep(60.0)
         yield BackendChunk(text="ok", tokens=1, usage=Usage(1, 1), finish_reason="stop",
                            stats={"drafted": 0, "accepted": 0, "steps": 1})
 
@@ -593,14 +596,17 @@ def test_metrics_need_an_admin_key_and_disconnects_count_as_499(service):
     url = service["url"] + "/metrics"
     assert httpx.get(url, timeout=30).status_code == 401
     assert httpx.get(url, headers=auth(service), timeout=30).status_code == 403
-    # a client that hangs up while its request decodes: it reads the first streamed event (decoding has
-    # begun; CAP - 1 more tokens, one plain pass each, are still to come) and closes the connection
-    body = {"model": MODEL, "prompt": "Count from one to twenty.", "max_tokens": CAP, "stream": True,
-            "speculative": False}
-    with httpx.stream("POST", service["url"] + "/v1/completions", json=body, headers=auth(service, "disc"),
-                      timeout=60) as r:
-        assert r.status_code == 200
-        next(line for line in r.iter_lines() if line.startswith("data: "))
+    # A client that hangs up while its request is in flight. Events, not a guess of how long decoding takes:
+    # the "/q" app's stand-in replica holds "HANG" for 60 s, so the request is surely still running when
+    # the client goes, on any machine; the client goes once that gateway's in-flight gauge shows it admitted.
+    url = service["url"] + "/q/metrics"
+    body = json.dumps({"model": MODEL, "prompt": "HANG", "max_tokens": 1, "speculative": False}).encode()
+    with socket.create_connection(("127.0.0.1", service["port"]), timeout=10) as s:
+        s.sendall(post_head(service["keys"]["disc"], len(body), path="/q/v1/completions") + body)
+        deadline = time.monotonic() + 30
+        while "knnssd_requests_in_flight 1.0" not in httpx.get(url, headers=auth(service, "ops"), timeout=30).text:
+            assert time.monotonic() < deadline, "the request was never admitted"
+            time.sleep(0.02)
     deadline = time.monotonic() + 20
     while True:
         r = httpx.get(url, headers=auth(service, "ops"), timeout=30)
