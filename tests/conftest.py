@@ -57,3 +57,23 @@ def smollm2_ref():
 
     torch.set_num_threads(2)
     return Engine.load("smollm2", max_seq_len=1024, precision="reference")
+
+
+# Every precision the engine's full (verify) pass offers. The bit-exactness tests run at each
+# (tests/integration/test_engine_exact_real.py): a new precision is one more name here.
+ENGINE_PRECISIONS = ("reference", "native", "native-f32")
+
+
+@pytest.fixture(scope="session", params=ENGINE_PRECISIONS)
+def engine_at_precision(request, smollm2, smollm2_ref):
+    """The real SmolLM2 at each precision of ENGINE_PRECISIONS."""
+    if request.param == "reference":
+        return smollm2_ref
+    if request.param == smollm2.precision:
+        return smollm2
+    import torch
+
+    from engine.generate import Engine
+
+    torch.set_num_threads(2)
+    return Engine.load("smollm2", max_seq_len=1024, precision=request.param)

@@ -43,7 +43,8 @@ def test_four_concurrent_requests_with_different_configs_give_their_solo_plain_o
 def test_cancelled_request_frees_its_slot_and_the_others_are_unaffected(smollm2):
     ids = [smollm2.encode_prompt(prompt=p) for p, _, _ in REQUESTS[:3]]
     solo = [smollm2.generate(x, SamplingParams(max_new_tokens=20), DraftConfig.plain()).token_ids for x in ids]
-    sched = smollm2.scheduler(RuntimeSettings(max_running=2))
+    # load-aware capping off: the requests must really draft while they share the batch
+    sched = smollm2.scheduler(RuntimeSettings(max_running=2, load_aware=False))
     seqs = [smollm2.sequence(x, SamplingParams(max_new_tokens=20), cfg) for x, (_, _, cfg) in zip(ids, REQUESTS)]
     for s in seqs:
         sched.submit(s)
@@ -55,6 +56,7 @@ def test_cancelled_request_frees_its_slot_and_the_others_are_unaffected(smollm2)
     assert seqs[0].finish_reason == "cancelled" and seqs[2] in sched.running
     out = _drain(sched, seqs)
     assert out[1:] == solo[1:]
+    assert all(s.stats.drafted > 0 and s.stats.accepted > 0 for s in seqs[1:])
 
 
 def test_seeded_sampling_is_reproducible_under_concurrency(smollm2):
@@ -62,7 +64,8 @@ def test_seeded_sampling_is_reproducible_under_concurrency(smollm2):
     x = smollm2.encode_prompt(prompt="Tell me a short story about a fox.")
     cfg = DraftConfig(quantize="int8", prompt_lookup=2, max_draft=5, confidence=0.2)
     alone = smollm2.generate(x, params, cfg).token_ids
-    sched = smollm2.scheduler(RuntimeSettings(max_running=4))
+    # load-aware capping off, so the greedy neighbours draft too (sampled requests are never capped)
+    sched = smollm2.scheduler(RuntimeSettings(max_running=4, load_aware=False))
     others = [smollm2.sequence(smollm2.encode_prompt(prompt=p), SamplingParams(max_new_tokens=n), c)
               for p, n, c in REQUESTS[:3]]
     mine = smollm2.sequence(x, params, cfg)
@@ -70,6 +73,9 @@ def test_seeded_sampling_is_reproducible_under_concurrency(smollm2):
     for s in seqs:
         sched.submit(s)
     assert _drain(sched, seqs)[1] == alone
+    assert mine.stats.max_batch == 4
+    assert all(s.stats.drafted > 0 for s in seqs), [s.stats.drafted for s in seqs]
+    assert mine.stats.accepted > 0
 
 
 def test_cheap_head_argmax_equals_the_fp32_head_on_every_position_of_a_long_decode(smollm2_ref):

@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from scipy.stats import chisquare
 
 from engine.config import DraftConfig, SamplingParams
 from engine.decode import PromptTooLongError
-from engine.sampling import probs_from_logits
 
 pytestmark = pytest.mark.slow
 
@@ -73,10 +71,25 @@ def test_draft_knobs_are_lossless(smollm2, knob):
 
 
 def test_plain_matches_hf_generate(smollm2_ref):
-    ids = smollm2_ref.encode_prompt(prompt=PROMPTS["code"])
-    hf = smollm2_ref.hf_model.generate(torch.tensor([ids]), max_new_tokens=24, do_sample=False)[0, len(ids):]
-    ours = smollm2_ref.generate(ids, SamplingParams(max_new_tokens=24))
-    assert ours.token_ids == hf.tolist()[: len(ours.token_ids)]
+    smollm2 = smollm2_ref  # transformers computes in fp32 on the dequantised weights: the reference precision
+    ids = smollm2.encode_prompt(prompt=PROMPTS["code"])
+    hf = smollm2.hf_model.generate(torch.tensor([ids]), max_new_tokens=24, do_sample=False)[0, len(ids):].tolist()
+    ours = smollm2.generate(ids, SamplingParams(max_new_tokens=24))
+    # transformers keeps the EOS it stopped at; the engine stops before it (finish_reason "stop")
+    ended = next((i for i, t in enumerate(hf) if t in smollm2.eos_token_ids), None)
+    assert ours.token_ids == hf[:ended] and len(ours.token_ids) > 0
+    assert ours.finish_reason == ("length" if ended is None else "stop")
+
+
+def test_int8_draft_weights_add_135_mb(smollm2_ref):
+    """The README's memory figure for `quantize: "int8"`: weight-only int8 copies of the 30 layers'
+    projections plus an int8 LM head (one byte per weight, a bf16 scale per row), beside the fp32 weights."""
+    lean = smollm2_ref.lean  # int8 draft copies exist at the reference precision (native drafts reuse its blocks)
+    plan = lean.plan(precision="int8")
+    layers = sum(lw.proj["int8"].nbytes for lw in lean.layers)
+    assert plan.head is not None and plan.precision == "int8"
+    added = layers + plan.head.linear.nbytes
+    assert 134e6 < added < 136e6, added
 
 
 def test_seeded_sampling_is_reproducible(smollm2):
@@ -87,51 +100,6 @@ def test_seeded_sampling_is_reproducible(smollm2):
     c = smollm2.generate(ids, params.model_copy(update={"seed": 99}), CONFIGS["many"])
     assert a.token_ids == b.token_ids
     assert a.token_ids != c.token_ids
-
-
-def _exact_joint(smollm2, ids, params, length):
-    """Exact target probabilities of every continuation of `length` tokens under top-k processing."""
-    out = {(): 1.0}
-    with torch.inference_mode():
-        for _ in range(length):
-            nxt = {}
-            for seq, pr in out.items():
-                logits = smollm2.lean.forward(torch.tensor(ids + list(seq)), 0, last_only=True)
-                p = probs_from_logits(logits, params.temperature, params.top_k, params.top_p)[0]
-                for t in p.nonzero().flatten().tolist():
-                    nxt[seq + (t,)] = pr * float(p[t])
-            out = nxt
-    return out
-
-
-def test_sampled_speculative_output_follows_target_distribution(smollm2):
-    """Three tokens, top-k 2: 8 outcomes whose exact probabilities the full model gives. A heavily
-    skipped draft (very different from the target) must still yield the target's joint distribution."""
-    ids = smollm2.tokenizer("The best thing about summer is").input_ids
-    params = SamplingParams(max_new_tokens=3, temperature=1.5, top_k=2)
-    # Every knob that changes the draft distribution at once: skipped sub-layers, int8 weights, a
-    # vocabulary-subset head (q = 0 outside it) and the adaptive threshold.
-    draft = DraftConfig(
-        skip_attn=tuple(range(4, 28, 2)), skip_mlp=tuple(range(5, 29, 2)), max_draft=2, confidence=0.0,
-        quantize="int8", draft_vocab=4096, adaptive=True,
-    )
-    exact = _exact_joint(smollm2, ids, params, 3)
-    n = 300
-    counts = dict.fromkeys(exact, 0)
-    drafted = accepted = 0
-    for seed in range(n):
-        r = smollm2.generate(ids, params.model_copy(update={"seed": seed}), draft)
-        counts[tuple(r.token_ids)] += 1
-        drafted, accepted = drafted + r.stats.drafted, accepted + r.stats.accepted
-    assert drafted > 0 and 0 < accepted < drafted  # the test exercises both accept and reject paths
-    # Merge outcomes with small expected counts so the chi-square approximation holds.
-    keys = sorted(exact, key=exact.get, reverse=True)
-    big = [k for k in keys if exact[k] * n >= 5]
-    small = [k for k in keys if k not in big]
-    obs = [counts[k] for k in big] + ([sum(counts[k] for k in small)] if small else [])
-    exp = [exact[k] * n for k in big] + ([sum(exact[k] for k in small) * n] if small else [])
-    exp = [e * n / sum(exp) for e in exp]  # exact sums: scipy refuses float drift of 1e-8
-    assert chisquare(obs, exp).pvalue > 1e-3
 
 
 def test_stops_eos_length_and_stop_strings(smollm2):

@@ -21,6 +21,7 @@ from services.metrics import ServiceMetrics
 from router.redis_server import free_port
 from services.tenants import TenantStore
 from services.usage import UsageStore
+from tests.timing import Window, with_growing_window
 
 MODEL = "smollm2"
 
@@ -60,8 +61,8 @@ def server(redis_url, redis_prefix):
     _, key = store.add("oa", rpm=20, tpm=0)
     _, tight_key = store.add("tight", rpm=1, tpm=0)
     backend = EchoBackend()
-    app = build_gateway_app(backend, store, RateLimiter(rc, redis_prefix, window_s=1.0), UsageStore(rc, redis_prefix),
-                            ServiceMetrics(), config)
+    limiter = RateLimiter(rc, redis_prefix, window_s=1.0)
+    app = build_gateway_app(backend, store, limiter, UsageStore(rc, redis_prefix), ServiceMetrics(), config)
     port = free_port()
     srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="off"))
     thread = threading.Thread(target=srv.run, daemon=True)
@@ -70,7 +71,7 @@ def server(redis_url, redis_prefix):
     while not srv.started:
         assert time.monotonic() < deadline and thread.is_alive(), "uvicorn did not start"
         time.sleep(0.02)
-    yield f"http://127.0.0.1:{port}", key, tight_key, backend
+    yield f"http://127.0.0.1:{port}", key, tight_key, backend, store, limiter
     srv.should_exit = True
     thread.join(timeout=10)
     rc.close()
@@ -78,7 +79,7 @@ def server(redis_url, redis_prefix):
 
 @pytest.fixture
 def oa(server):
-    url, key, _, _ = server
+    url, key, *_ = server
     client = openai.OpenAI(base_url=url + "/v1", api_key=key, max_retries=0, timeout=10)
     yield client
     client.close()
@@ -120,7 +121,7 @@ def test_streaming_with_usage(oa):
 
 
 def test_errors_map_to_openai_exceptions(oa, server):
-    url, _, tight_key, _ = server
+    url, _, tight_key, _, store, limiter = server
     with pytest.raises(openai.NotFoundError):
         oa.completions.create(model="gpt-nope", prompt="x")
     with pytest.raises(openai.BadRequestError) as bad:
@@ -129,19 +130,32 @@ def test_errors_map_to_openai_exceptions(oa, server):
     with pytest.raises(openai.BadRequestError):
         oa.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "x"}], temperature=9)
     wrong = openai.OpenAI(base_url=url + "/v1", api_key="sk-knnssd-wrong", max_retries=0)
-    tight = openai.OpenAI(base_url=url + "/v1", api_key=tight_key, max_retries=0)
     try:
         with pytest.raises(openai.AuthenticationError):
             wrong.models.list()
-        tight.completions.create(model=MODEL, prompt="x")
-        with pytest.raises(openai.RateLimitError) as limited:
-            tight.completions.create(model=MODEL, prompt="x")
-        wait_ms = int(limited.value.response.headers["retry-after-ms"])
-        time.sleep(wait_ms / 1000 + 0.05)
-        assert tight.completions.create(model=MODEL, prompt="back").choices[0].text == "back"
     finally:
         wrong.close()
-        tight.close()
+
+    def rate_limited(window_s: float) -> str:
+        """rpm=1: a second request inside the window is a RateLimitError; after Retry-After it passes."""
+        limiter.window_ms = int(window_s * 1000)  # the gateway's window for this attempt (1 s first)
+        key = tight_key if window_s == 1.0 else store.add(f"tight-{window_s:g}", rpm=1, tpm=0)[1]
+        tight = openai.OpenAI(base_url=url + "/v1", api_key=key, max_retries=0)
+        try:
+            w = Window(window_s)
+            tight.completions.create(model=MODEL, prompt="x")
+            try:
+                tight.completions.create(model=MODEL, prompt="x")
+                w.expect(False, "the second request inside the window was admitted")
+            except openai.RateLimitError as limited:
+                wait_ms = int(limited.response.headers["retry-after-ms"])
+            time.sleep(wait_ms / 1000 + 0.05)
+            assert tight.completions.create(model=MODEL, prompt="back").choices[0].text == "back"
+        finally:
+            tight.close()
+        return key
+
+    tight_key = with_growing_window(rate_limited)
     # usage, metrics and health over plain HTTP
     with httpx.Client(base_url=url) as h:
         usage = h.get("/v1/usage", headers={"authorization": f"Bearer {tight_key}"}).json()
@@ -151,7 +165,7 @@ def test_errors_map_to_openai_exceptions(oa, server):
 
 
 def test_aborted_stream_is_still_accounted(server):
-    url, key, _, _ = server
+    url, key, *_ = server
     prompt = "slow " + " ".join(["w"] * 40)
     hdr = {"authorization": f"Bearer {key}"}
     with httpx.Client(base_url=url, timeout=10) as h:

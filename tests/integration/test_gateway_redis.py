@@ -20,9 +20,10 @@ from router.redis_server import free_port
 from services.tenants import Tenant, TenantStore
 from deploy.tenants_cli import tenants_app
 from services.usage import UsageStore
+from tests.timing import Window, with_growing_window
 
 MODEL = "smollm2"
-WINDOW_S = 1.0
+WINDOW_S = 1.0  # the default; scenarios that count requests in a window grow it on a slow machine (tests.timing)
 BODY = {"model": MODEL, "prompt": "two words", "max_tokens": 8}  # the fake answers 2 prompt + 3 completion tokens
 
 
@@ -53,10 +54,11 @@ def down_client():
     client.close()
 
 
-def make_app(rclient, prefix, *, limits_client=None, usage_client=None, tenants=(), metrics=None, **limits):
-    config = AppConfig(limits=LimitsConfig(window_s=WINDOW_S, **limits))
+def make_app(rclient, prefix, *, limits_client=None, usage_client=None, tenants=(), metrics=None, window_s=WINDOW_S,
+             **limits):
+    config = AppConfig(limits=LimitsConfig(window_s=window_s, **limits))
     store = TenantStore(rclient, prefix=prefix, tenants=list(tenants), cache_s=0)
-    limiter = RateLimiter(limits_client or rclient, prefix=prefix, window_s=WINDOW_S)
+    limiter = RateLimiter(limits_client or rclient, prefix=prefix, window_s=window_s)
     usage = UsageStore(usage_client or rclient, prefix=prefix)
     return build_gateway_app(FakeBackend(), store, limiter, usage, metrics or ServiceMetrics(), config)
 
@@ -105,48 +107,64 @@ def test_tenants_cli(redis_url, redis_prefix, rclient, tmp_path):
 
 def test_request_limit_429_then_recovery(rclient, redis_prefix):
     store = TenantStore(rclient, prefix=redis_prefix)
-    _, key = store.add("limited", rpm=3, tpm=0)
-    with TestClient(make_app(rclient, redis_prefix)) as c:
-        remaining = []
-        for _ in range(3):
+
+    def scenario(window_s: float) -> None:
+        _, key = store.add(f"limited-{window_s:g}", rpm=3, tpm=0)
+        with TestClient(make_app(rclient, redis_prefix, window_s=window_s)) as c:
+            w = Window(window_s)
+            remaining = []
+            for _ in range(3):
+                r = c.post("/v1/completions", json=BODY, headers=auth(key))
+                assert r.status_code == 200, r.text
+                assert r.headers["x-ratelimit-limit-requests"] == "3"
+                remaining.append(int(r.headers["x-ratelimit-remaining-requests"]))
+                assert "x-ratelimit-limit-tokens" not in r.headers  # tpm 0: unlimited, no header
+            w.expect(remaining == [2, 1, 0], remaining)
+            r = c.post("/v1/completions", json=BODY, headers=auth(key))
+            w.expect(r.status_code == 429, r.text)
+            err = r.json()["error"]
+            assert (err["type"], err["code"]) == ("requests", "rate_limit_exceeded")
+            assert int(r.headers["retry-after"]) >= 1 and r.headers["x-ratelimit-remaining-requests"] == "0"
+            wait_ms = int(r.headers["retry-after-ms"])
+            assert 0 < wait_ms <= window_s * 1000
+            again = c.post("/v1/completions", json=BODY, headers=auth(key)).status_code
+            w.expect(again == 429, again)  # refusals don't count
+            time.sleep(wait_ms / 1000 + 0.05)  # the oldest entry has left the window: admitted, however slow
             r = c.post("/v1/completions", json=BODY, headers=auth(key))
             assert r.status_code == 200, r.text
-            assert r.headers["x-ratelimit-limit-requests"] == "3"
-            remaining.append(int(r.headers["x-ratelimit-remaining-requests"]))
-            assert "x-ratelimit-limit-tokens" not in r.headers  # tpm 0: unlimited, no header
-        assert remaining == [2, 1, 0]
-        r = c.post("/v1/completions", json=BODY, headers=auth(key))
-        assert r.status_code == 429
-        err = r.json()["error"]
-        assert (err["type"], err["code"]) == ("requests", "rate_limit_exceeded")
-        assert int(r.headers["retry-after"]) >= 1 and r.headers["x-ratelimit-remaining-requests"] == "0"
-        wait_ms = int(r.headers["retry-after-ms"])
-        assert 0 < wait_ms <= WINDOW_S * 1000
-        assert c.post("/v1/completions", json=BODY, headers=auth(key)).status_code == 429  # refusals don't count
-        time.sleep(wait_ms / 1000 + 0.05)
-        r = c.post("/v1/completions", json=BODY, headers=auth(key))
-        assert r.status_code == 200, r.text
+
+    with_growing_window(scenario)
 
 
 def test_token_limit(rclient, redis_prefix):
-    _, key = TenantStore(rclient, prefix=redis_prefix).add("tok", rpm=0, tpm=8)
-    with TestClient(make_app(rclient, redis_prefix)) as c:
-        r1 = c.post("/v1/completions", json=BODY, headers=auth(key))
-        assert r1.status_code == 200 and r1.headers["x-ratelimit-remaining-tokens"] == "8"
-        r2 = c.post("/v1/completions", json=BODY, headers=auth(key))  # 5 used < 8: admitted, ends at 10
-        assert r2.status_code == 200 and r2.headers["x-ratelimit-remaining-tokens"] == "3"
-        r3 = c.post("/v1/completions", json=BODY, headers=auth(key))
-        assert r3.status_code == 429 and r3.json()["error"]["type"] == "tokens"
-        time.sleep(int(r3.headers["retry-after-ms"]) / 1000 + 0.05)
-        assert c.post("/v1/completions", json=BODY, headers=auth(key)).status_code == 200
+    def scenario(window_s: float) -> None:
+        _, key = TenantStore(rclient, prefix=redis_prefix).add(f"tok-{window_s:g}", rpm=0, tpm=8)
+        with TestClient(make_app(rclient, redis_prefix, window_s=window_s)) as c:
+            w = Window(window_s)
+            r1 = c.post("/v1/completions", json=BODY, headers=auth(key))
+            assert r1.status_code == 200 and r1.headers["x-ratelimit-remaining-tokens"] == "8"
+            r2 = c.post("/v1/completions", json=BODY, headers=auth(key))  # 5 used < 8: admitted, ends at 10
+            w.expect(r2.status_code == 200 and r2.headers["x-ratelimit-remaining-tokens"] == "3", r2.headers)
+            r3 = c.post("/v1/completions", json=BODY, headers=auth(key))
+            w.expect(r3.status_code == 429, r3.text)
+            assert r3.json()["error"]["type"] == "tokens"
+            time.sleep(int(r3.headers["retry-after-ms"]) / 1000 + 0.05)
+            assert c.post("/v1/completions", json=BODY, headers=auth(key)).status_code == 200
+
+    with_growing_window(scenario)
 
 
 def test_limits_are_shared_by_gateway_replicas(rclient, redis_prefix):
-    _, key = TenantStore(rclient, prefix=redis_prefix).add("shared", rpm=4, tpm=0)
-    with TestClient(make_app(rclient, redis_prefix)) as a, TestClient(make_app(rclient, redis_prefix)) as b:
-        codes = [(a if i % 2 else b).post("/v1/completions", json=BODY, headers=auth(key)).status_code
-                 for i in range(6)]
-    assert codes == [200] * 4 + [429] * 2
+    def scenario(window_s: float) -> None:
+        _, key = TenantStore(rclient, prefix=redis_prefix).add(f"shared-{window_s:g}", rpm=4, tpm=0)
+        with (TestClient(make_app(rclient, redis_prefix, window_s=window_s)) as a,
+              TestClient(make_app(rclient, redis_prefix, window_s=window_s)) as b):
+            w = Window(window_s)
+            codes = [(a if i % 2 else b).post("/v1/completions", json=BODY, headers=auth(key)).status_code
+                     for i in range(6)]
+            w.expect(codes == [200] * 4 + [429] * 2, codes)
+
+    with_growing_window(scenario)
 
 
 def test_limiter_is_atomic_under_concurrency(rclient, redis_prefix):
@@ -203,11 +221,20 @@ def test_redis_outage_limits_fail_open(rclient, down_client, redis_prefix):
 
 
 def test_limiter_breaker_skips_redis_after_a_failure(down_client):
+    """A failed Redis call opens the breaker: the next checks fail open without calling Redis at all (a hung
+    Redis costs one timeout, not one per request) until the cool-down ends, then Redis is tried again.
+    Counted calls, not elapsed time: the cool-down is set long enough that no machine outlasts it."""
     limiter = RateLimiter(down_client, prefix="x:", window_s=1)
-    t0 = time.perf_counter()
+    limiter.breaker.cooldown_s = 3600.0
+    calls = []
+    script = limiter._check
+    limiter._check = lambda **kw: calls.append(1) or script(**kw)
     results = [limiter.check("t", rpm=1, tpm=0) for _ in range(50)]
     assert all(r.allowed and r.degraded for r in results)
-    assert limiter.redis_errors == 50 and time.perf_counter() - t0 < 1.0
+    assert limiter.redis_errors == 50 and len(calls) == 1
+    limiter.breaker.cooldown_s = 0.0
+    limiter.breaker.failure()  # a cool-down of zero has ended at once: the next check asks Redis again
+    assert limiter.check("t", rpm=1, tpm=0).degraded and len(calls) == 2
 
 
 def test_redis_outage_unknown_key_is_503_not_401(down_client):

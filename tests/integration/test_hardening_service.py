@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import select
 import socket
 import sys
 import threading
@@ -59,8 +60,9 @@ SLOW_CONNECTIONS = 66
 
 
 class QueueReplica:
-    """Stands in for ModelReplica in the "/q" app: "SLOW" holds it 3 s; "FULL" raises ServiceUnavailable,
-    as the batched replica does when its own queue is full."""
+    """Stands in for ModelReplica in the "/q" app: "SLOW" holds it 3 s, "HANG" 60 s (until its client goes
+    and Serve cancels it); "FULL" raises ServiceUnavailable, as the batched replica does when its own
+    queue is full."""
 
     def __init__(self, config=None) -> None:
         self.config = config
@@ -70,6 +72,8 @@ class QueueReplica:
             raise ServiceUnavailable("The replica's queue is full.", retry_after_s=7.0)
         if "SLOW" in (req.prompt or ""):
             await asyncio.sleep(3.0)
+        if "HANG" in (req.prompt or ""):
+            await asyncio.sleep(60.0)
         yield BackendChunk(text="ok", tokens=1, usage=Usage(1, 1), finish_reason="stop",
                            stats={"drafted": 0, "accepted": 0, "steps": 1})
 
@@ -401,6 +405,12 @@ def test_the_bad_input_table_is_long_enough():
     assert len({c[0] for c in BODY_CASES} | {c[0] for c in RAW_CASES}) == len(BODY_CASES) + len(RAW_CASES)
 
 
+def _timed(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
 def _still_serves(service) -> None:
     r = httpx.get(service["url"] + "/v1/models", headers=auth(service), timeout=30)
     assert r.status_code == 200, r.text
@@ -424,10 +434,11 @@ def test_bad_body_gets_a_4xx_in_the_envelope(service, case):
 def test_bad_http_gets_a_4xx_in_the_envelope(service, case):
     desc, build, status = case
     t0 = time.perf_counter()
+    # the read timeout only guards against "never answered"; how fast a busy machine answers is not the point
     got, headers, body = raw(service, build(service), timeout=BODY_TIMEOUT_S + 20)
     assert_envelope(got, headers, body, status, desc)
-    if status == 408:  # answered once the body timeout ran out, not never
-        assert BODY_TIMEOUT_S - 0.1 <= time.perf_counter() - t0 < BODY_TIMEOUT_S + 5
+    if status == 408:  # answered because the body timeout ran out, so not before it
+        assert time.perf_counter() - t0 >= BODY_TIMEOUT_S - 0.1
     _still_serves(service)
 
 
@@ -440,48 +451,83 @@ def test_after_the_table_the_model_still_answers(service):
 
 
 def test_slow_bodies_of_one_tenant_do_not_stall_another(service):
-    """66 connections of one tenant announce 1000 bytes and send 10: another tenant is answered at once."""
-    socks = []
-    try:
-        for _ in range(SLOW_CONNECTIONS):
-            s = socket.create_connection(("127.0.0.1", service["port"]), timeout=30)
-            s.sendall(post_head(service["keys"]["slow"], 1000) + b'{"model": ')
-            socks.append(s)
-        time.sleep(0.5)  # all of them are at the gateway now
-        t0 = time.perf_counter()
-        r = complete(service, tenant="other", timeout=30)
-        took = time.perf_counter() - t0
-        assert r.status_code == 200, r.text
-        print(f"\n{SLOW_CONNECTIONS} slow-body connections: the other tenant's request answered in {took:.2f} s")
-        assert took < 5.0
-        statuses = [read_response(s, BODY_TIMEOUT_S + 20)[0] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
+    """66 connections of one tenant announce 1000 bytes and send 10: at most `default_max_concurrent` of
+    them are held at once (the rest get 429 at once, the held ones 408 when their body times out), and
+    another tenant is answered as fast as without them.
+
+    Events, not a wall-clock guess: the other tenant's request is sent once the slow tenant gets 429s (it
+    holds its whole allowance) while some of its connections are still held. A stall would keep that
+    request until the held bodies time out (BODY_TIMEOUT_S), so its bound is the larger of that timeout
+    and three times its own latency measured just before (a busy machine slows both alike). On a loaded
+    machine the proxy may hand the 66 connections over more slowly than a body times out, so more than
+    the allowance can be admitted over the whole run (in waves); what must hold is that no two admitted
+    connections' 408s come closer than a body timeout apart beyond the allowance. A run where every
+    connection was answered before the other request went out shows nothing and is repeated (three runs)."""
     cap = service["config"].limits.default_max_concurrent
-    assert statuses.count(429) >= SLOW_CONNECTIONS - cap and set(statuses) <= {408, 429}, statuses
-    assert statuses.count(408) >= 1  # the admitted ones were cut off by the body timeout
+    window = BODY_TIMEOUT_S - 0.5  # shorter than a hold, with 0.5 s for delivery jitter
+    for _ in range(3):
+        baseline = sorted(_timed(lambda: complete(service, tenant="other", timeout=60)) for _ in range(3))[1]
+        socks: list[socket.socket] = []
+        answers: dict[socket.socket, tuple[int, float]] = {}
+
+        def collect(wait: float) -> None:
+            for s in select.select([s for s in socks if s not in answers], [], [], wait)[0]:
+                answers[s] = (read_response(s, BODY_TIMEOUT_S + 20)[0], time.monotonic())
+
+        try:
+            for _ in range(SLOW_CONNECTIONS):
+                s = socket.create_connection(("127.0.0.1", service["port"]), timeout=30)
+                s.sendall(post_head(service["keys"]["slow"], 1000) + b'{"model": ')
+                socks.append(s)
+            deadline = time.monotonic() + 60
+            while not any(status == 429 for status, _ in answers.values()):
+                assert time.monotonic() < deadline, "the slow tenant was never refused"
+                collect(0.05)
+            held = len(answers) < SLOW_CONNECTIONS
+            t0 = time.perf_counter()
+            r = complete(service, tenant="other", timeout=60)
+            took = time.perf_counter() - t0
+            assert r.status_code == 200, r.text
+            while len(answers) < SLOW_CONNECTIONS:
+                assert time.monotonic() < deadline, f"{SLOW_CONNECTIONS - len(answers)} connections never answered"
+                collect(0.5)
+        finally:
+            for s in socks:
+                s.close()
+        statuses = [status for status, _ in answers.values()]
+        assert set(statuses) <= {408, 429} and statuses.count(429) >= 1, statuses
+        cut = sorted(t for status, t in answers.values() if status == 408)
+        assert cut, "the admitted connections were cut off by the body timeout"
+        assert max(sum(1 for u in cut if t <= u < t + window) for t in cut) <= cap, cut
+        if held:
+            break
+    assert held, "every slow connection was answered before the other tenant's request could be sent, three times"
+    print(f"\n{SLOW_CONNECTIONS} slow-body connections ({statuses.count(429)} refused, {len(cut)} held until the body "
+          f"timeout): the other tenant's request answered in {took:.2f} s (baseline {baseline:.2f} s)")
+    assert took < max(BODY_TIMEOUT_S, 3 * baseline)
 
 
 def test_a_rate_limited_tenant_is_refused_before_it_sends_its_body(service):
-    assert complete(service, tenant="tight").status_code == 200  # rpm=1: the window is now full
+    """The body never comes: an answer that waited for it would be the body timeout's 408, so a 429 is an
+    answer given from the headers alone (no clock involved)."""
+    assert complete(service, tenant="tight").status_code == 200  # rpm=1 in a 60 s window: the window is now full
     with socket.create_connection(("127.0.0.1", service["port"]), timeout=10) as s:
-        t0 = time.perf_counter()
         s.sendall(post_head(service["keys"]["tight"], 1000) + b'{"model": ')
-        status, headers, body = read_response(s, BODY_TIMEOUT_S - 0.5)  # well before the body timeout
+        status, headers, body = read_response(s, BODY_TIMEOUT_S + 20)
     err = assert_envelope(status, headers, body, 429)
     assert err["code"] == "rate_limit_exceeded" and int(headers["retry-after"]) >= 1
-    assert time.perf_counter() - t0 < 1.0
 
 
 def test_prompt_token_limit_refuses_before_model_work(service):
+    """Refused at the gateway: the router (the first stage after the gateway) never sees the request."""
     long_prompt = "hello " * 100  # ~100 tokens: over the "short" tenant's 20, under the default 256
-    t0 = time.perf_counter()
+    routed = _router_stats(service)["requests"]
     r = complete(service, tenant="short", prompt=long_prompt)
     err = assert_envelope(r.status_code, r.headers, r.content, 400)
     assert err["code"] == "context_length_exceeded" and err["param"] == "prompt" and "20 tokens" in err["message"]
-    assert time.perf_counter() - t0 < 1.0
+    assert _router_stats(service)["requests"] == routed
     assert complete(service, tenant="main", prompt=long_prompt).status_code == 200
+    assert _router_stats(service)["requests"] == routed + 1
 
 
 # ---------------------------------------------------------------- 3: bounded queues, 503 + Retry-After
@@ -579,11 +625,17 @@ def test_metrics_need_an_admin_key_and_disconnects_count_as_499(service):
     url = service["url"] + "/metrics"
     assert httpx.get(url, timeout=30).status_code == 401
     assert httpx.get(url, headers=auth(service), timeout=30).status_code == 403
-    # a client that hangs up while its request decodes
-    body = json.dumps({"model": MODEL, "prompt": "Count from one to twenty.", "max_tokens": CAP}).encode()
+    # A client that hangs up while its request is in flight. Events, not a guess of how long decoding takes:
+    # the "/q" app's stand-in replica holds "HANG" for 60 s, so the request is surely still running when
+    # the client goes, on any machine; the client goes once that gateway's in-flight gauge shows it admitted.
+    url = service["url"] + "/q/metrics"
+    body = json.dumps({"model": MODEL, "prompt": "HANG", "max_tokens": 1, "speculative": False}).encode()
     with socket.create_connection(("127.0.0.1", service["port"]), timeout=10) as s:
-        s.sendall(post_head(service["keys"]["disc"], len(body)) + body)
-        time.sleep(0.3)
+        s.sendall(post_head(service["keys"]["disc"], len(body), path="/q/v1/completions") + body)
+        deadline = time.monotonic() + 30
+        while "knnssd_requests_in_flight 1.0" not in httpx.get(url, headers=auth(service, "ops"), timeout=30).text:
+            assert time.monotonic() < deadline, "the request was never admitted"
+            time.sleep(0.02)
     deadline = time.monotonic() + 20
     while True:
         r = httpx.get(url, headers=auth(service, "ops"), timeout=30)
@@ -599,34 +651,51 @@ def test_metrics_need_an_admin_key_and_disconnects_count_as_499(service):
 # ---------------------------------------------------------------- schemathesis over the served schema
 
 
-def test_schemathesis_finds_no_server_error(service):
+SCHEMATHESIS_MIN_EXAMPLES = 5
+
+
+def test_schemathesis_finds_no_server_error(service, capsys):
     import schemathesis
     from hypothesis import HealthCheck, Phase, given, settings
 
     doc = httpx.get(service["url"] + "/openapi.json", timeout=30).json()
     schema = schemathesis.openapi.from_dict(doc)
     headers = auth(service)
+    # A time budget keeps this test's cost bounded on a busy machine; when it runs out, each remaining
+    # operation still gets SCHEMATHESIS_MIN_EXAMPLES requests, and the cut is reported on the terminal.
     budget = time.monotonic() + 55
     seen: dict[tuple[str, int], int] = {}
+    sent: dict[str, int] = {}
+    skipped: dict[str, int] = {}
     failures = []
+    operations = []
     for result in schema.get_all_operations():
         op = result.ok()
+        operations.append(op.label)
         examples = 40 if op.method.upper() == "POST" else 8
 
         @settings(max_examples=examples, deadline=None, database=None, derandomize=True,
                   suppress_health_check=list(HealthCheck), phases=[Phase.explicit, Phase.generate])
         @given(case=op.as_strategy())
         def run(case):
-            if time.monotonic() > budget:
+            if time.monotonic() > budget and sent.get(op.label, 0) >= SCHEMATHESIS_MIN_EXAMPLES:
+                skipped[op.label] = skipped.get(op.label, 0) + 1
                 return
             r = case.call(base_url=service["url"], headers=headers, timeout=60)
+            sent[op.label] = sent.get(op.label, 0) + 1
             seen[(op.label, r.status_code)] = seen.get((op.label, r.status_code), 0) + 1
             if r.status_code >= 500:
                 failures.append((op.label, case.body, r.status_code, r.text[:300]))
 
         run()
-    print(f"\nschemathesis: {sum(seen.values())} requests, statuses {sorted(seen.items())}")
+    with capsys.disabled():
+        print(f"\nschemathesis: {sum(seen.values())} requests over {len(operations)} operations, statuses "
+              f"{sorted(seen.items())}")
+        if skipped:
+            print(f"schemathesis: STOPPED EARLY, the 55 s budget ran out; examples not sent per operation: {skipped} "
+                  f"(sent: {sent})")
     assert not failures, failures
+    assert all(sent.get(label, 0) >= 1 for label in operations), sent  # every operation was exercised
     assert any(status == 200 for (label, status) in seen if label.startswith("POST"))  # it did get through
 
 
@@ -647,15 +716,32 @@ def test_a_replica_killed_mid_load_gives_503_and_health_says_so(service):
 
     assert httpx.get(service["url"] + "/health", timeout=30).status_code == 200
     results: list[httpx.Response] = []
+    stream_events: list[str] = []
 
     def call():
         results.append(complete(service, prompt="Count from one to fifty.", max_tokens=CAP, timeout=120))
 
-    threads = [threading.Thread(target=call) for _ in range(3)]
+    decoding = threading.Event()
+
+    def streamed():  # the probe: its first event says the replica is decoding it, CAP - 1 plain passes to go
+        body = {"model": MODEL, "prompt": "Count from one to fifty.", "max_tokens": CAP, "stream": True,
+                "temperature": 0, "speculative": False}
+        try:
+            with httpx.stream("POST", service["url"] + "/v1/completions", json=body, headers=auth(service),
+                              timeout=120) as r:
+                for line in r.iter_lines():
+                    if line.startswith("data: "):
+                        stream_events.append(line[len("data: "):])
+                        decoding.set()
+        finally:
+            decoding.set()
+
+    actor = _replica_actor()
+    threads = [threading.Thread(target=streamed)] + [threading.Thread(target=call) for _ in range(3)]
     for t in threads:
         t.start()
-    time.sleep(0.8)  # one decoding, the others waiting for the replica
-    ray.kill(_replica_actor(), no_restart=True)
+    assert decoding.wait(120) and stream_events, "the probe request never started decoding"
+    ray.kill(actor, no_restart=True)  # mid-decode: an event, not a guess of how long decoding takes
     killed_at = time.monotonic()
     unhealthy_after = None
     while time.monotonic() - killed_at < 20:
@@ -668,13 +754,17 @@ def test_a_replica_killed_mid_load_gives_503_and_health_says_so(service):
     for t in threads:
         t.join(timeout=120)
     statuses = [r.status_code for r in results]
-    assert 503 in statuses and 500 not in statuses, [(r.status_code, r.text[:200]) for r in results]
+    assert set(statuses) <= {200, 503}, [(r.status_code, r.text[:200]) for r in results]
+    # the probe was decoding when its replica died: its stream ends with the error event, not a finish
+    last = json.loads(stream_events[-1]) if stream_events[-1] != "[DONE]" else None
+    assert last is not None and last["error"]["code"] in ("replica_unavailable", "service_unavailable"), stream_events
     for r in results:
         if r.status_code == 503:
             err = assert_envelope(r.status_code, r.headers, r.content, 503)
             assert err["code"] in ("replica_unavailable", "service_unavailable") and int(r.headers["retry-after"]) >= 1
     assert unhealthy_after is not None, "/health never said unavailable after the replica was killed"
-    print(f"\nreplica killed: in-flight {statuses}; /health 503 after {unhealthy_after:.2f} s")
+    print(f"\nreplica killed: in-flight stream ended with {last['error']['code']}, the others {statuses}; "
+          f"/health 503 after {unhealthy_after:.2f} s")
 
     deadline = time.monotonic() + 120  # Serve starts a new replica: health and service come back
     while httpx.get(service["url"] + "/health", timeout=30).status_code != 200:

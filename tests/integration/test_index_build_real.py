@@ -9,12 +9,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-pytest.importorskip("engine.generate", reason="the engine (engine.generate) is not available yet")
-
-from engine.config import DraftConfig  # noqa: E402
-from index import artefact as A  # noqa: E402
-from index.build import BuildSettings, EngineIdentity, build  # noqa: E402
-from index.search import DomainResult  # noqa: E402
+from engine.config import DraftConfig
+from index import artefact as A
+from index.build import BuildSettings, EngineIdentity, build
+from index.search import DomainResult
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[2]

@@ -20,10 +20,8 @@ from pathlib import Path
 
 import pytest
 
-pytest.importorskip("engine.generate", reason="the engine (engine.generate) is not available yet")
-
-from index import artefact as A  # noqa: E402
-from index.publish import read_published  # noqa: E402
+from index import artefact as A
+from index.publish import read_published
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[2]

@@ -118,6 +118,9 @@ def test_knnssd_serve_and_the_readme_examples(redis_url, tmp_path):
             time.sleep(0.5)
         out = out_path.read_text()
         assert "API key: sk-knnssd-dev" in out and f"http://127.0.0.1:{port}/v1" in out, out[-3000:]
+        up = re.search(r"KNN-SSD serving is up in (\d+) s", out)  # the README quotes this line
+        assert up, out[-3000:]
+        print(f"\nknnssd serve: up in {up.group(1)} s")
         assert_ray_is_private(proc.pid)
 
         # The README's curl example, as written but for the port.

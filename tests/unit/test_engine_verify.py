@@ -77,6 +77,25 @@ def test_rejection_sampling_keeps_target_distribution(draft_is_greedy):
     assert chisquare(counts.numpy(), (wrong * n).numpy()).pvalue < 1e-6
 
 
+def test_bonus_token_follows_the_last_target_row():
+    """All k drafted tokens accepted: the bonus token comes from the target's row k (the position after the
+    last draft), not from any earlier row. Rows 0 and 1 differ here, so the wrong row is rejected."""
+    torch.manual_seed(2)
+    p0 = torch.softmax(torch.randn(V) * 1.5, dim=0)
+    p1 = torch.softmax(torch.randn(V) * 1.5, dim=0)
+    target = torch.stack([p0, p1])
+    g = torch.Generator().manual_seed(3)
+    n, counts = 8000, torch.zeros(V)
+    d = p0.argmax().view(1)
+    for _ in range(n):
+        # a draft token with q = p0: always accepted (u * q < p), so every second token is a bonus
+        k, out = rejection_sample(d, p0.unsqueeze(0), target, torch.rand(1, generator=g) * 0.999, g)
+        assert k == 1 and out[0] == int(d)
+        counts[out[1]] += 1
+    assert chisquare(counts.numpy(), (p1 * n).numpy()).pvalue > 1e-3
+    assert chisquare(counts.numpy(), (p0 * n).numpy()).pvalue < 1e-6
+
+
 def test_probs_from_logits_top_k_top_p():
     logits = torch.log(torch.tensor([[0.5, 0.2, 0.15, 0.1, 0.05, 0.0 + 1e-9]]))
     p = probs_from_logits(logits, 1.0, top_k=2)

@@ -8,15 +8,29 @@ from engine.loadtest import Claims, RequestRecord, run_clients, summarize
 
 
 def test_clients_share_the_requests_each_taken_once():
+    """Four clients run at once (each waits at a barrier for the other three before taking work; run one
+    after another they would time out there), every request is taken exactly once, and the wall time
+    returned covers every client's run."""
+    import time
+
     claims, taken, lock = Claims(50), [], threading.Lock()
+    started = threading.Barrier(4, timeout=30)
+    spans: list[tuple[float, float]] = []
 
     def client() -> None:
+        t0 = time.perf_counter()
+        started.wait()
         while (n := claims.take()) is not None:
             with lock:
                 taken.append(n)
+        with lock:
+            spans.append((t0, time.perf_counter()))
 
+    t_call = time.perf_counter()
     wall = run_clients(client, 4)
-    assert sorted(taken) == list(range(50)) and wall >= 0
+    t_back = time.perf_counter()
+    assert sorted(taken) == list(range(50)) and len(spans) == 4
+    assert max(end for _, end in spans) - t_call <= wall <= t_back - t_call
     assert claims.take() is None
 
 

@@ -117,8 +117,20 @@ def sse_events(text: str) -> list:
     return out
 
 
-def test_fake_backend_satisfies_protocol(fake):
-    assert isinstance(fake, Backend)
+def test_the_fake_has_the_real_backends_shape(fake):
+    """The tests below stand in FakeBackend for the service's own backend (services.ray_backend.RayBackend):
+    both satisfy the gateway's Backend protocol with the same call shapes, an async generator taking one
+    BackendRequest and a plain `models()`, so what the gateway is tested against is what it meets."""
+    import inspect
+
+    from services.ray_backend import RayBackend
+
+    for cls in (RayBackend, FakeBackend):
+        assert inspect.isasyncgenfunction(cls.stream), cls
+        assert list(inspect.signature(cls.stream).parameters) == ["self", "req"], cls
+        assert not inspect.iscoroutinefunction(cls.models)
+        assert list(inspect.signature(cls.models).parameters) == ["self"]
+    assert isinstance(RayBackend(router=None, replica=None, models=[MODEL]), Backend) and isinstance(fake, Backend)
 
 
 def test_completion(client, fake):
