@@ -80,7 +80,9 @@ def test_shipped_config_sampling_keeps_the_target_distribution(smollm2, where, t
     (pv1, df1), (pv2, df2) = chi2(c1, p1), chi2(c2, p2)
     print(f"\n{where} T={temperature}: acceptance {rate:.2f}; x1 p={pv1:.3g} (df {df1}); "
           f"x2 | x1={mode}: p={pv2:.3g} (df {df2}, n {sum(c2.values())})")
-    assert sum(c2.values()) >= N // 5 and df1 >= 1
+    # x2 is tested on the requests whose x1 was the mode (a sixth to a third of them here, by precision and
+    # temperature): less power than x1's test, which the stated power is about
+    assert sum(c2.values()) >= N // 8 and df1 >= 1
     assert pv1 > ALPHA, ("x1", c1.most_common(8), p1.topk(8))
     assert pv2 > ALPHA, ("x2", c2.most_common(8), p2.topk(8))
     if where == "lookup":
