@@ -45,6 +45,14 @@ KNOBS_REAL = "tests/integration/test_engine_real.py::test_draft_knobs_are_lossle
 BATCHED_REAL = "tests/integration/test_engine_batched_real.py"
 SCHEDULE_TINY = "tests/unit/test_engine_schedule.py"
 LEAN_TINY = "tests/unit/test_engine_lean_arch.py"
+NATIVE_EXACT = "tests/unit/test_engine_native.py"  # the C++ kernels against torch on small shapes
+NATIVE_REAL = "tests/integration/test_engine_native_real.py"  # packed real SmolLM2, every draft kind
+
+# The native attention's key count for one row (positions lo..pos).
+NATIVE_ATTN_OLD = """      const int64_t n = p + 1 - lo;
+"""
+NATIVE_ATTN_NEW = """      const int64_t n = std::max<int64_t>(1, p - lo);  // MUTANT: the newest key left out
+"""
 
 
 @dataclass(frozen=True)
@@ -87,9 +95,9 @@ MUTANTS: tuple[Mutant, ...] = (
         "draft-samples-other-q",
         "the draft samples its token from q^2 but reports q (the draft distribution is not the one sampled)",
         "engine/draft.py",
-        """                conf, tok = p.max(), sample(p.unsqueeze(0), j.gen)[0]
+        """                picks.append(torch.stack([p.max(), sample(p.unsqueeze(0), j.gen)[0].float()]).unsqueeze(0))
 """,
-        """                conf, tok = p.max(), sample((p * p).unsqueeze(0), j.gen)[0]  # MUTANT
+        """                picks.append(torch.stack([p.max(), sample((p * p).unsqueeze(0), j.gen)[0].float()]).unsqueeze(0))  # MUTANT
 """,
         (SAMPLING_REAL, SAMPLING_TINY),
     ),
@@ -171,6 +179,33 @@ MUTANTS: tuple[Mutant, ...] = (
 """,
         (EXACT_REAL, KNOBS_REAL, BATCHED_REAL, SCHEDULE_TINY),
     ),
+    # The native precision's C++ kernels (engine/csrc/native.cpp): a patch there changes the source hash,
+    # so the copy's first kernel load compiles its own build (~1 min, cached under $KNNSSD_CACHE/ext).
+    Mutant(
+        "native-tile-rows-differ",
+        "the Q4 kernel's 3-row tiles sum their two accumulators in another order than 1- and 2-row tiles "
+        "(a row's value depends on how many rows the pass has: verify rows drift from plain's)",
+        "engine/csrc/native.cpp",
+        """  if (b < B) block_q4<R>(c + b * 16, sc[b], a, act, r0, b, acc0);
+  const float* mn = w.mn ? w.mn + n * B : nullptr;
+  for (int r = 0; r < R; ++r) {
+    float t = hsum(vadd(acc0[r], acc1[r]));
+""",
+        """  if (b < B) block_q4<R>(c + b * 16, sc[b], a, act, r0, b, acc0);
+  const float* mn = w.mn ? w.mn + n * B : nullptr;
+  for (int r = 0; r < R; ++r) {
+    float t = R == 3 ? hsum(acc0[r]) + hsum(acc1[r]) : hsum(vadd(acc0[r], acc1[r]));  // MUTANT
+""",
+        (NATIVE_EXACT, EXACT_REAL, NATIVE_REAL),
+    ),
+    Mutant(
+        "native-attention-skips-last-key",
+        "the native attention block leaves the newest key out of each row's softmax (a causal-mask off-by-one)",
+        "engine/csrc/native.cpp",
+        NATIVE_ATTN_OLD,
+        NATIVE_ATTN_NEW,
+        (NATIVE_EXACT, NATIVE_REAL),
+    ),
 )
 
 
@@ -190,7 +225,8 @@ def check_table(root: Path, mutants: tuple[Mutant, ...]) -> None:
         if count != 1:
             raise TableMismatch(f"{m.name}: its snippet occurs {count} times in {m.file} (expected once):\n{m.old}")
         mutated = path.read_text().replace(m.old, m.new)
-        compile(mutated, str(path), "exec")  # a patch that does not parse would be "killed" by a SyntaxError
+        if path.suffix == ".py":  # C++ patches are compiled by the tests' first kernel load (engine.ext)
+            compile(mutated, str(path), "exec")  # a patch that does not parse would be "killed" by a SyntaxError
         for t in m.tests:
             if not (root / t.split("::")[0]).is_file():
                 raise TableMismatch(f"{m.name}: test {t} not found")

@@ -47,6 +47,12 @@ def served_weights_hash() -> str:
     return weights_hash(resolve_model_dir(MODEL)[0])
 
 
+def served_precision() -> str:
+    """The precision the default app's replicas run (native on a CPU): the router refuses index versions
+    measured at another precision, so the test artefacts say this one."""
+    return AppConfig().served_precision()
+
+
 def write_index(root: Path, embedder, configs: dict[str, DraftConfig], per_domain: int = 8) -> str:
     """A real artefact: MiniLM centroids of the first prompts of each default-corpus domain."""
     from index.artefact import DomainEntry, IndexManifest, new_version, now_iso, write_artefact
@@ -72,6 +78,7 @@ def write_manifest(root, index, labels, embedder_id, dim, corpus_hash, configs, 
         version=new_version(), created_at=now_iso(), model_id=MODEL, model_hash=model_hash or served_weights_hash(),
         embedder_id=embedder_id, embedder_dim=dim, representation="minilm", corpus_hash=corpus_hash,
         distance_threshold=0.1, fallback_config=fallback or DraftConfig.plain(), domains=domains,
+        precision=served_precision(),
     )
     write_artefact(root, manifest, index, labels)
     return manifest.version
