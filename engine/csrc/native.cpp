@@ -1,7 +1,8 @@
 // Native-weight kernels for the engine: matrix products on GGUF quantised blocks and the two fused
 // sub-layers of a decoder layer (attention, MLP), so a pass pays neither fp32 weight traffic nor Python's
-// per-op dispatch. Built at install by engine/ext.py with the machine's gcc (-mavx2 -mfma -mf16c, plus a
-// portable scalar build); chosen at load by torch.backends.cpu.get_cpu_capability().
+// per-op dispatch. Built at install by engine/ext.py with the machine's gcc (avx2: -mavx2 -mfma -mf16c;
+// avx512: the same 8-lane code with AVX-512 VNNI's one-instruction int8 dot product; and a portable scalar
+// build); chosen at load by the CPU's capability. All three give the same bits (tested).
 //
 // Batch invariance is the contract: every output element is computed by one thread with one fixed
 // sequence of floating-point operations that does not depend on how many rows share the call, which other
@@ -267,6 +268,20 @@ static inline V8 int_lanes(const int32_t* w, const int8_t* a) {
 }
 #endif
 
+#if !defined(KNNSSD_SCALAR)
+// int32 lane i = sum of the four products u[4i..4i+3] * s[4i..4i+3] (u unsigned, s signed bytes). The
+// products here never saturate 16 bits (|u| <= 128, |s| <= 127: 2 * 16256 < 32767), so AVX2's two-step
+// maddubs + madd and AVX-512 VNNI's one dpbusd give the same exact integers: both builds, the same bits.
+static inline __m256i dot_u8s8(__m256i u, __m256i s, __m256i ones16) {
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+  (void)ones16;
+  return _mm256_dpbusd_epi32(_mm256_setzero_si256(), u, s);
+#else
+  return _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), ones16);
+#endif
+}
+#endif
+
 // One block of 32 codes for R rows, into acc[R]. Rows' operations are independent of R.
 template <int R>
 static inline void block_q4(const uint8_t* cb, float scale, const AP& a, int act, int64_t r0, int64_t b, V8* acc) {
@@ -311,7 +326,7 @@ static inline void block_q4(const uint8_t* cb, float scale, const AP& a, int act
     const __m256i ones = _mm256_set1_epi16(1);
     for (int r = 0; r < R; ++r) {
       const __m256i xa = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a.q + (r0 + r) * K + b * 32));
-      const __m256i p = _mm256_madd_epi16(_mm256_maddubs_epi16(wq, xa), ones);
+      const __m256i p = dot_u8s8(wq, xa, ones);
       acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_mul_ps(s, _mm256_set1_ps(a.d[(r0 + r) * B + b])), acc[r]);
     }
   }
@@ -361,7 +376,7 @@ static inline void block_q8(const int8_t* cb, float sa, float sb, int64_t G, con
     const __m256 s = _mm256_set_m128(_mm_set1_ps(sb), _mm_set1_ps(sa));
     for (int r = 0; r < R; ++r) {
       const __m256i xa = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a.q + (r0 + r) * K + b * 32));
-      const __m256i p = _mm256_madd_epi16(_mm256_maddubs_epi16(wa, _mm256_sign_epi8(xa, wq)), ones);
+      const __m256i p = dot_u8s8(wa, _mm256_sign_epi8(xa, wq), ones);
       acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_mul_ps(s, _mm256_set1_ps(a.d[(r0 + r) * B + b])), acc[r]);
     }
   }
