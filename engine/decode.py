@@ -71,7 +71,6 @@ class Sequence:
         if len(prompt) >= limit:
             raise PromptTooLongError(len(prompt), limit)
         draft = draft or DraftConfig.plain()
-        draft.check_layers(model.n_layers)
         self.rid = rid or f"seq-{next(_ids)}"
         self.model, self.prompt, self.params, self.config = model, list(prompt), params, draft
         self.eos_ids, self.text = eos_ids, text
