@@ -270,7 +270,7 @@ def draft_cost(engine: Engine, configs: dict[str, DraftConfig], context: int = 1
     fraction of one full 1-token pass, medians interleaved per repetition. Lookup-only configs cost 0."""
     lean = engine.lean
     ctx = torch.randint(0, lean.vocab, (context,))
-    runs = {name: draft_pass_args(lean, c) for name, c in configs.items() if c.enabled and c.model_draft}
+    runs = {name: args for name, c in configs.items() if (args := draft_pass_args(lean, c))}  # those with a draft pass
     times: dict[str, list[float]] = {n: [] for n in [PLAIN, *runs]}
     tok = torch.tensor([1]).to(lean.device)
     with torch.inference_mode():

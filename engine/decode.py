@@ -21,6 +21,7 @@ import torch
 from engine.config import DecodeStats, DraftConfig, SamplingParams
 from engine.detok import TextStream
 from engine.draft import NO_DRAFT, Draft, Drafter, draft_plan
+from engine.plain import plain_reason
 from engine.lean import LeanModel, Segment
 from engine.sampling import make_generator, probs_for, sample
 from engine.verify import greedy_verify_ids, rejection_sample
@@ -80,11 +81,11 @@ class Sequence:
         self.stats = DecodeStats(prompt_tokens=len(prompt))
         self.gen = make_generator(params.seed, model.device)
         plan = draft_plan(model, draft)
-        self.drafter = Drafter(draft, params, plan) if draft.enabled else None
+        self.drafter = Drafter(draft, params, plan) if plain_reason(draft) is None else None
         # prompt + committed tokens, for prompt lookup; preallocated so a step appends without copying
         self.history = torch.empty(limit, dtype=torch.long)
         self.history[: len(prompt)] = torch.tensor(prompt)
-        need = len(prompt) + params.max_new_tokens + (draft.max_draft if draft.enabled else 0) + 1
+        need = len(prompt) + params.max_new_tokens + (draft.max_draft if self.drafter is not None else 0) + 1
         self.cache = model.new_cache(capacity=min(need, limit))
         self.prefilled = 0
         self.pos = 0  # position of `cur`; the cache holds [0, pos)

@@ -24,6 +24,7 @@ import torch
 
 from engine.config import DraftConfig, SamplingParams
 from engine.lean import DraftPlan, LeanModel, Segment
+from engine.plain import plain_reason
 from engine.sampling import probs_for, sample
 
 
@@ -55,7 +56,7 @@ def draft_plan(model: LeanModel, cfg: DraftConfig) -> DraftPlan | None:
     """The model-draft pass `cfg` describes, or None when it drafts without the model. Raises ValueError
     when `cfg` does not fit the model (`DraftConfig.check`: the knobs' bounds)."""
     cfg.check(model.n_layers)  # not the vocabulary: a larger draft vocabulary is clamped to the model's
-    if not cfg.enabled or not cfg.model_draft:
+    if plain_reason(cfg) is not None or not cfg.model_draft:  # plain, or drafts by lookup alone
         return None
     return model.plan(**cfg.plan_args())
 
