@@ -27,6 +27,7 @@ from typing import Any, Protocol
 from pydantic import BaseModel, ConfigDict, Field
 
 from engine.config import KNOBS, DecodeStats, DraftConfig, KnobSpace, SamplingParams
+from engine.costs import expected_tokens
 from engine.knobs import total_cost
 from index.select import PromptLike
 from index.settings import SearchSettings
@@ -76,20 +77,20 @@ class Screening(BaseModel):
 # ------------------------------------------------------------------------------------------ cost model
 
 
-def draft_cost(cfg: DraftConfig, num_layers: int, s: SearchSettings, scale: float = 1.0) -> float:
-    """Cost of one draft pass relative to a full 1-token pass: the sub-layers it still runs (cheaper on
+def estimated_draft_cost(cfg: DraftConfig, num_layers: int, s: SearchSettings, scale: float = 1.0) -> float:
+    """The cost model's estimate of one draft pass relative to a full 1-token pass (what `engine.bench.draft_cost`
+    measures): the sub-layers it still runs (cheaper on
     int8 copies) plus the LM head (cheaper over a vocabulary subset), times a calibration `scale`. Each
     knob's share comes from its declaration (`Knob.cost`, engine.config.DraftConfig)."""
     return scale * total_cost(cfg.cost_parts(num_layers, s.cost_model()), num_layers, s.cost_model())
 
 
 def proxy_speedup(alpha: float, gamma: int, cost: float, verify_token_cost: float) -> float:
-    """Expected speedup of drafting `gamma` tokens at per-token acceptance `alpha` (Leviathan et al.):
-    E[tokens per step] = (1 - alpha^(gamma+1)) / (1 - alpha); a step costs gamma drafts + one verify."""
-    alpha = min(max(alpha, 0.0), 1.0)
-    tokens = gamma + 1.0 if alpha >= 1.0 else (1.0 - alpha ** (gamma + 1)) / (1.0 - alpha)
+    """Expected speedup of drafting `gamma` tokens at per-token acceptance `alpha`: expected committed
+    tokens per step (`engine.costs.expected_tokens`, the one model of it) over the step's cost, gamma
+    drafts of `cost` (`estimated_draft_cost`) + one verify."""
     step = gamma * cost + 1.0 + verify_token_cost * gamma
-    return tokens / step
+    return expected_tokens(alpha, gamma) / step
 
 
 # ------------------------------------------------------------------------------------------ proposals
@@ -283,7 +284,7 @@ def calibrate(
         if st.time_draft > 0 and st.time_verify > 0 and st.steps > 0 and st.drafted > 0:
             per_draft = st.time_draft / st.drafted
             per_verify = st.time_verify / st.steps
-            raw = per_draft / per_verify / max(draft_cost(probe, L, s), 1e-6)
+            raw = per_draft / per_verify / max(estimated_draft_cost(probe, L, s), 1e-6)
             scales[q] = float(min(max(raw, 0.05), 3.0))
     return scales
 
@@ -326,7 +327,7 @@ def propose_and_screen(
             study.tell(trial, seen[cfg].proxy)
             continue
         a = mean_agreement(engine, cfg, prepared)
-        proxy = proxy_speedup(a, cfg.max_draft, draft_cost(cfg, L, s, scales.get(cfg.quantize, 1.0)), s.verify_token_cost)
+        proxy = proxy_speedup(a, cfg.max_draft, estimated_draft_cost(cfg, L, s, scales.get(cfg.quantize, 1.0)), s.verify_token_cost)
         cand = Candidate(config=cfg, agreement=round(a, 5), proxy=round(proxy, 5), source=source)
         seen[cfg] = cand
         candidates.append(cand)

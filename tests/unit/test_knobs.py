@@ -173,7 +173,7 @@ def test_a_pass_changing_knob_is_its_declaration_and_the_pass(exit_at_knob):
     from test_index_search import SMALL, FakeClock, FakeEngine, _records
 
     from engine.draft import draft_plan
-    from index.search import draft_cost
+    from index.search import estimated_draft_cost
     from tests.tiny import tiny_engine
 
     cfg = DraftConfig(exit_at=2, max_draft=3, confidence=0.0)
@@ -202,7 +202,7 @@ def test_a_pass_changing_knob_is_its_declaration_and_the_pass(exit_at_knob):
 
     # its share of the estimated draft cost
     s = SearchSettings()
-    assert draft_cost(cfg, 4, s) < draft_cost(DraftConfig(), 4, s)
+    assert estimated_draft_cost(cfg, 4, s) < estimated_draft_cost(DraftConfig(), 4, s)
 
     # the report
     assert DraftConfig.report_columns()[-1] == "exit at" and cfg.report_cells()[-1] == "2"
