@@ -20,7 +20,7 @@ import torch
 
 from engine.config import DecodeStats, DraftConfig, SamplingParams
 from engine.detok import TextStream
-from engine.draft import NO_DRAFT, Draft, Drafter, draft_plan
+from engine.draft import Draft, Drafter, draft_plan
 from engine.plain import plain_reason
 from engine.lean import LeanModel, Segment
 from engine.sampling import make_generator, probs_for, sample
@@ -232,8 +232,3 @@ class Sequence:
             self.emit(out)
         else:
             self.outbox.append(out)
-
-    def next_draft(self, limit: int) -> Draft:
-        """The draft this step uses when the scheduler drafts for it without the model."""
-        d = self.lookup_draft(limit)
-        return d if d is not None else NO_DRAFT

@@ -336,9 +336,6 @@ class LeanModel:
                     lw.proj[precision] = self._build_proj(i, precision)
         return sum(lw.proj[precision].nbytes for lw in self.layers)
 
-    def prepare_int8(self) -> int:
-        return self.prepare("int8")
-
     def quantization_error(self, precision: str) -> float:
         """Mean relative weight error of a draft precision's projections (0 for 'full')."""
         if self.native is not None:
@@ -347,12 +344,10 @@ class LeanModel:
         errs = [getattr(k, "error", 0.0) for lw in self.layers for k in vars(lw.proj[precision]).values()]
         return float(sum(errs) / len(errs))
 
-    def draft_head(self, rows: int, precision: str | bool = "full") -> DraftHead | None:
+    def draft_head(self, rows: int, precision: str = "full") -> DraftHead | None:
         """The draft head over the `rows` most frequent tokens (0 = all), cached. Frequency rank is the
         token id order: byte-level BPE vocabularies number tokens in merge order, which follows corpus
         frequency closely enough for a draft (FR-Spec ranks by counted frequency)."""
-        if isinstance(precision, bool):  # the earlier int8 flag
-            precision = "int8" if precision else "full"
         rows = self.vocab if rows <= 0 else min(rows, self.vocab)
         if rows == self.vocab and precision == "full":
             return None
@@ -621,20 +616,13 @@ class LeanModel:
         self,
         tokens: torch.Tensor,  # [M] int64
         start: int,
-        skip_attn: frozenset[int] = frozenset(),
-        skip_mlp: frozenset[int] = frozenset(),
-        last_only: bool = False,
         *,
+        last_only: bool = False,
         plan: DraftPlan | None = None,
         cache: SeqCache | None = None,
-        int8: bool = False,
-        head: DraftHead | None = None,
     ) -> torch.Tensor:  # [M, vocab] (or [1, vocab] with last_only)
-        """One sequence's pass on `cache` (default: a scratch cache of this model). Full-vocabulary
-        logits; a subset head's are -inf outside its rows."""
-        if plan is None and (skip_attn or skip_mlp or int8 or head is not None):
-            base = self.plan(skip_attn, skip_mlp, "int8" if int8 else "full")
-            plan = DraftPlan(base.skip_attn, base.skip_mlp, base.precision, head, base.key + ("head", id(head)))
+        """One sequence's pass on `cache` (default: a scratch cache of this model), the draft `plan`'s
+        when given. Full-vocabulary logits; a subset head's are -inf outside its rows."""
         if cache is None:
             if self._scratch is None:
                 self._scratch = self.new_cache()
