@@ -12,8 +12,9 @@ Validation before any version is served (at start, on reload, for a pin): checks
 (`index.artefact.load_artefact`), then `validate_manifest`: the model hash equals the served weights'
 (`expect_model_hash`), the embedder is the router's (`expect_embedder_id`), the configs were measured at the
 engine precision the replicas run (`expect_precision`, set with the model), and with a `ModelSpec` every
-draft config fits the served model (skipped layers exist, the draft vocabulary is no larger than the
-model's, knobs consistent). A refused version raises `IncompatibleArtefact` naming the reason; on reload it
+draft config fits the served model (`DraftConfig.problems`, the one validation, from each knob's declared
+bound: skipped layers exist, the early exit is within the model, the draft vocabulary is no larger than the
+model's; and knobs consistent). A refused version raises `IncompatibleArtefact` naming the reason; on reload it
 is counted per reason in `Reloader.rejected` and logged, and the old version keeps serving.
 """
 
