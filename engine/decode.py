@@ -21,8 +21,8 @@ import torch
 from engine.config import DecodeStats, DraftConfig, SamplingParams
 from engine.detok import TextStream
 from engine.draft import Draft, Drafter, draft_plan
-from engine.plain import plain_reason
 from engine.lean import LeanModel, Segment
+from engine.plain import plain_reason
 from engine.sampling import make_generator, probs_for, sample
 from engine.verify import greedy_verify_ids, rejection_sample
 
