@@ -91,7 +91,7 @@ def bench_engine(
         route = routed_methods(art, plist, engine=eng)
     per_prompt = route.methods if route else {}
     for c in [*configs.values(), *(kind_configs or {}).values(), *(c for cs in per_prompt.values() for c in cs)]:
-        c.check_layers(eng.num_layers)
+        c.check(eng.num_layers)
     n_runs = count_runs(method_configs(plist, configs, hf, kind_configs, per_prompt), repeats) + len(extra) * len(plist) * repeats
     if not console.is_terminal:  # no bar without a terminal: StepProgress logs a line every 30 s instead
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")

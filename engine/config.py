@@ -10,9 +10,23 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from engine.knobs import (
+    FITS,
+    CostModel,
+    CostPart,
+    Knob,
+    KnobSpace,
+    ModelShape,
+    Problem,
+    last_layer,
+    layer_cell,
+    layer_count,
+    vocab_size,
+)
 
 
 # The knobs that existed when ids were first stored (artefacts, Redis caches): always hashed. Any knob
@@ -24,52 +38,89 @@ _ID_FIRST_KNOBS = frozenset({
 })
 
 
+_SKIPS = "skips layers {bad}, but the model has {num_layers} (0-{limit})"
+
+
 class DraftConfig(BaseModel):
     """How the model drafts its own tokens. Output is lossless whatever these are: the verify pass
-    always runs the full model, so a config only changes speed."""
+    always runs the full model, so a config only changes speed.
+
+    Each knob is declared here once: its field, and in its `Knob` (engine.knobs) its search space, its
+    bound against the model, its draft-plan arguments, its share of the estimated draft cost and its
+    report column. A field without a `Knob` (enabled, target_acceptance) is a setting of other knobs."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     enabled: bool = Field(True, description="False turns speculation off: plain decoding, one full pass per token.")
-    skip_attn: tuple[int, ...] = Field((), description="Decoder layers whose attention sub-layer the draft skips.")
-    skip_mlp: tuple[int, ...] = Field((), description="Decoder layers whose MLP sub-layer the draft skips.")
-    max_draft: int = Field(4, ge=1, le=32, description="Most tokens drafted before one verify pass.")
-    confidence: float = Field(
+    skip_attn: Annotated[tuple[int, ...], Knob(
+        KnobSpace("layers"), limit=last_layer, reason="layers", problem=_SKIPS, plan=lambda v: {"skip_attn": v},
+        cost=lambda v, m, cm: CostPart(removed=cm.attn_share * len(v)), column="skip attn", cell=layer_cell,
+    )] = Field((), description="Decoder layers whose attention sub-layer the draft skips.")  # fmt: skip
+    skip_mlp: Annotated[tuple[int, ...], Knob(
+        KnobSpace("layers"), limit=last_layer, reason="layers", problem=_SKIPS, plan=lambda v: {"skip_mlp": v},
+        cost=lambda v, m, cm: CostPart(removed=(1.0 - cm.attn_share) * len(v)), column="skip mlp", cell=layer_cell,
+    )] = Field((), description="Decoder layers whose MLP sub-layer the draft skips.")  # fmt: skip
+    max_draft: Annotated[int, Knob(KnobSpace("int", 2, 12, 1), column="max")] = Field(
+        4, ge=1, le=32, description="Most tokens drafted before one verify pass."
+    )
+    confidence: Annotated[float, Knob(KnobSpace("float", 0.0, 0.9, 0.05), column="conf", cell=lambda v, c: f"{v:.2f}")] = Field(
         0.5, ge=0.0, le=1.0, description="Stop drafting early when the draft's top-1 probability falls below this."
     )
-    adaptive: bool = Field(
+    adaptive: Annotated[bool, Knob(
+        KnobSpace("choice", choices=(False, True), screened=False, alone=True),
+        column="adaptive", cell=lambda v, c: f"{c.target_acceptance:.2f}" if v else "no",
+    )] = Field(
         False,
         description="Adapt the confidence threshold per request from running acceptance (Draft&Verify): "
         "raise it after a step that accepted less than `target_acceptance`, lower it otherwise.",
-    )
+    )  # fmt: skip
     target_acceptance: float = Field(
         0.7, gt=0.0, lt=1.0, description="Acceptance rate the adaptive threshold steers towards."
     )
-    quantize: Literal["none", "int8", "int4"] = Field(
+    # int8 alone is the ablation's precision (int4 is measured in the combined configs)
+    quantize: Annotated[Literal["none", "int8", "int4"], Knob(
+        KnobSpace("choice", choices=("none", "int8", "int4"), alone="int8", label="int8", alone_with={"max_draft": 6, "confidence": 0.3}),
+        plan=lambda v: {"precision": "full" if v == "none" else v},
+        cost=lambda v, m, cm: CostPart(layers=cm.int8_cost if v == "int8" else 1.0), column="quant",
+    )] = Field(
         "none",
         description="Precision of the draft's weights: 'int8' (per row) or 'int4' (per group of 32 inputs, the "
         "layout of GGUF Q4_1) weight-only copies with bf16 activations, kept beside the full weights; the "
         "verify pass always uses the full weights.",
-    )
-    draft_vocab: int = Field(
+    )  # fmt: skip
+    draft_vocab: Annotated[int, Knob(
+        KnobSpace("choice", choices=(0, 8192), alone=8192, label="vocab8k"), limit=vocab_size, reason="vocab",
+        problem="draft_vocab {value} exceeds the model's vocabulary of {limit}", plan=lambda v: {"head_rows": v},
+        cost=lambda v, m, cm: CostPart(head=cm.subset_head_cost if v > 0 else 1.0), column="vocab", cell=lambda v, c: str(v or "all"),
+    )] = Field(
         0, ge=0, description="Rows of the draft-only LM head (most frequent tokens first, FR-Spec style); 0 = all."
-    )
-    prompt_lookup: int = Field(
+    )  # fmt: skip
+    prompt_lookup: Annotated[int, Knob(
+        KnobSpace("choice", choices=(0, 2, 3), screened=False, alone=3, label="lookup", alone_with={"model_draft": False, "max_draft": 8}),
+        column="lookup", cell=lambda v, c: str(v or "-"),
+    )] = Field(
         0,
         ge=0,
         le=8,
         description="Longest n-gram matched against the prompt and output so far to propose a copied "
         "continuation (prompt lookup); used instead of the model draft when it matches. 0 = off.",
-    )
+    )  # fmt: skip
 
-    early_exit: int = Field(
+    # Not searched: screening it would change the candidates every earlier build screened (a "layer" space
+    # would search it over the model's searchable layers).
+    early_exit: Annotated[int, Knob(
+        limit=layer_count, reason="layers", problem="exits after layer {value} but the model has {num_layers} layers",
+        plan=lambda v: {"exit_layer": v},
+        cost=lambda v, m, cm: CostPart(removed=m.num_layers - v if 0 < v < m.num_layers else 0.0),
+        column="exit", cell=lambda v, c: str(v or "-"),
+    )] = Field(
         0,
         ge=0,
         description="Early-exit draft (LayerSkip/DEL without their training): the draft runs only the first N decoder "
         "layers, then the final norm and head; 0 (or N >= the model's layers) runs them all. Combines with skips.",
-    )
+    )  # fmt: skip
 
-    model_draft: bool = Field(
+    model_draft: Annotated[bool, Knob(column="model", cell=lambda v, c: "yes" if v else "no")] = Field(
         True,
         description="Draft with the model when prompt lookup proposes nothing; False drafts by lookup alone "
         "(no draft pass at all: a step without a match is a plain decoding step).",
@@ -106,16 +157,63 @@ class DraftConfig(BaseModel):
             data[name] = _option_value(name, value.strip())
         return cls.model_validate(data)
 
-    def check_layers(self, num_layers: int) -> None:
-        bad = [i for i in self.skip_attn + self.skip_mlp if i >= num_layers]
+    # ---- what the knobs' declarations derive ------------------------------------------------------
+
+    def problems(self, num_layers: int, vocab_size: int | None = None) -> list[Problem]:
+        """(reason, message) for each way this config does not fit a model of this shape (each knob's
+        bound), or runs but drafts nothing useful (reason "config"); empty when it fits. The one
+        validation: the engine (`check`), the router's reload and the index build call it."""
+        if not self.enabled:
+            return []
+        shape = ModelShape(num_layers, vocab_size)
+        out = [p for name, knob in declared_knobs(type(self)).items() if (p := knob.check(name, getattr(self, name), shape))]
+        if len(set(self.skip_attn) & set(self.skip_mlp)) >= num_layers:
+            out.append(("config", "skips every layer: the draft would be the embedding alone"))
+        if not self.model_draft and self.prompt_lookup == 0:
+            out.append(("config", "model_draft is off and prompt_lookup is 0: nothing would ever be drafted"))
+        return out
+
+    def check(self, num_layers: int, vocab_size: int | None = None) -> None:
+        """Raise ValueError when the config cannot run on the model (a "config" problem still runs: it
+        drafts nothing, so it decodes plainly)."""
+        bad = [msg for reason, msg in self.problems(num_layers, vocab_size) if reason in FITS]
         if bad:
-            raise ValueError(f"DraftConfig skips layers {bad} but the model has {num_layers} layers")
-        if self.early_exit > num_layers:
-            raise ValueError(f"DraftConfig exits after layer {self.early_exit} but the model has {num_layers} layers")
+            raise ValueError(f"DraftConfig {'; '.join(bad)}")
+
+    def plan_args(self) -> dict:
+        """`LeanModel.plan` keyword arguments for this config's model draft, from the knobs' declarations."""
+        out: dict = {}
+        for name, knob in declared_knobs(type(self)).items():
+            if knob.plan is not None:
+                out.update(knob.plan(getattr(self, name)))
+        return out
+
+    def cost_parts(self, num_layers: int, cm: CostModel) -> list[CostPart]:
+        """Each knob's share of the estimated draft pass cost (engine.knobs.total_cost adds them up)."""
+        shape = ModelShape(num_layers)
+        return [knob.cost(getattr(self, name), shape, cm) for name, knob in declared_knobs(type(self)).items() if knob.cost]
+
+    def report_cells(self) -> list[str]:
+        """The report's cells, one per `report_columns()` ('-' where plain decoding has none)."""
+        cols = {name: knob for name, knob in declared_knobs(type(self)).items() if knob.column}
+        if not self.enabled:
+            return ["plain", *["-"] * len(cols)]
+        return [self.config_id, *(knob.cell(getattr(self, name), self) for name, knob in cols.items())]
+
+    @classmethod
+    def report_columns(cls) -> tuple[str, ...]:
+        return ("config", *(k.column for k in declared_knobs(cls).values() if k.column))
 
     @classmethod
     def plain(cls) -> DraftConfig:
         return cls(enabled=False)
+
+
+def declared_knobs(cls: type[BaseModel] = None) -> dict[str, Knob]:  # type: ignore[assignment]
+    """Every field of `cls` (DraftConfig) declared with a `Knob`, in field order. Read at each call, so
+    a field added to the class is a knob at once."""
+    fields = (cls or DraftConfig).model_fields
+    return {name: k for name, f in fields.items() for k in f.metadata if isinstance(k, Knob)}
 
 
 def _option_value(name: str, value: str):
@@ -131,51 +229,9 @@ def _option_value(name: str, value: str):
         return value  # a bare string (quantize=int4)
 
 
-@dataclass(frozen=True)
-class KnobSpace:
-    """How the index search and the bench ablation explore one draft knob. The search derives its
-    proposals, TPE space and configs from this table; `index.settings.SearchSettings.knobs` may narrow a
-    knob's values."""
-
-    kind: Literal["layers", "int", "float", "choice"]
-    low: float = 0.0
-    high: float = 0.0
-    step: float = 1.0
-    choices: tuple = ()
-    screened: bool = True  # teacher-forced screening sees its effect; lookup and adaptivity only show when timed
-    alone: object = None  # the value the bench ablation sets to show this knob alone (None: not in the ablation)
-    label: str = ""  # the ablation config's name for it (default: the knob's name)
-    # None: the knob does not make a full-depth draft pay on its own, so its ablation config rides on the
-    # bench's skip draft and random proposals skip at least one sub-layer. Otherwise the other fields of its
-    # ablation config (it drafts with no layer skipped), and a proposal with it off its default may skip none.
-    alone_with: dict | None = None
-
-    def values(self) -> tuple:
-        if self.kind == "choice":
-            return self.choices
-        n = int(round((self.high - self.low) / self.step))
-        vals = [self.low + i * self.step for i in range(n + 1)]
-        return tuple(int(v) for v in vals) if self.kind == "int" else tuple(round(v, 4) for v in vals)
-
-
-# The one table of draft knobs: the search space, the bench ablation and the CLI come from it (with
-# `DraftConfig`'s fields). A knob missing here is not searched (enabled, model_draft, target_acceptance).
-# A new knob: its `DraftConfig` field, its row here and the drafter code that reads it.
-KNOBS: dict[str, KnobSpace] = {
-    "skip_attn": KnobSpace("layers"),
-    "skip_mlp": KnobSpace("layers"),
-    "max_draft": KnobSpace("int", 2, 12, 1),
-    "confidence": KnobSpace("float", 0.0, 0.9, 0.05),
-    # int8 alone is the ablation's precision (int4 is measured in the combined configs)
-    "quantize": KnobSpace(
-        "choice", choices=("none", "int8", "int4"), alone="int8", label="int8", alone_with={"max_draft": 6, "confidence": 0.3}
-    ),
-    "draft_vocab": KnobSpace("choice", choices=(0, 8192), alone=8192, label="vocab8k"),
-    "prompt_lookup": KnobSpace(
-        "choice", choices=(0, 2, 3), screened=False, alone=3, label="lookup", alone_with={"model_draft": False, "max_draft": 8}
-    ),
-    "adaptive": KnobSpace("choice", choices=(False, True), screened=False, alone=True),
-}
+# The search space of each searched knob, from the declarations (the search, the bench ablation and the
+# CLI read it): a knob whose `Knob` has no space is not searched (model_draft, early_exit, ...).
+KNOBS: dict[str, KnobSpace] = {name: k.space for name, k in declared_knobs(DraftConfig).items() if k.space is not None}
 
 
 class RuntimeSettings(BaseModel):

@@ -61,10 +61,14 @@ class PassCosts:
 
 
 def expected_tokens(alpha: float, k: int) -> float:
-    """Committed tokens of one step drafting k tokens at per-token acceptance alpha (Leviathan et al.)."""
+    """Committed tokens of one step drafting k tokens at per-token acceptance alpha (Leviathan et al.):
+    (1 - alpha^(k+1)) / (1 - alpha), k + 1 at alpha = 1. The one model of it: the load-aware cap here
+    and the index search's screening (`index.screen.proxy_speedup`) both use it."""
     if k <= 0:
         return 1.0
-    alpha = min(max(alpha, 0.0), 0.999)
+    alpha = min(max(alpha, 0.0), 1.0)
+    if alpha >= 1.0:
+        return k + 1.0
     return (1.0 - alpha ** (k + 1)) / (1.0 - alpha)
 
 

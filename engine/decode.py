@@ -20,8 +20,9 @@ import torch
 
 from engine.config import DecodeStats, DraftConfig, SamplingParams
 from engine.detok import TextStream
-from engine.draft import NO_DRAFT, Draft, Drafter, draft_plan
+from engine.draft import Draft, Drafter, draft_plan
 from engine.lean import LeanModel, Segment
+from engine.plain import plain_reason
 from engine.sampling import make_generator, probs_for, sample
 from engine.verify import greedy_verify_ids, rejection_sample
 
@@ -71,7 +72,6 @@ class Sequence:
         if len(prompt) >= limit:
             raise PromptTooLongError(len(prompt), limit)
         draft = draft or DraftConfig.plain()
-        draft.check_layers(model.n_layers)
         self.rid = rid or f"seq-{next(_ids)}"
         self.model, self.prompt, self.params, self.config = model, list(prompt), params, draft
         self.eos_ids, self.text = eos_ids, text
@@ -81,11 +81,11 @@ class Sequence:
         self.stats = DecodeStats(prompt_tokens=len(prompt))
         self.gen = make_generator(params.seed, model.device)
         plan = draft_plan(model, draft)
-        self.drafter = Drafter(draft, params, plan) if draft.enabled else None
+        self.drafter = Drafter(draft, params, plan) if plain_reason(draft) is None else None
         # prompt + committed tokens, for prompt lookup; preallocated so a step appends without copying
         self.history = torch.empty(limit, dtype=torch.long)
         self.history[: len(prompt)] = torch.tensor(prompt)
-        need = len(prompt) + params.max_new_tokens + (draft.max_draft if draft.enabled else 0) + 1
+        need = len(prompt) + params.max_new_tokens + (draft.max_draft if self.drafter is not None else 0) + 1
         self.cache = model.new_cache(capacity=min(need, limit))
         self.prefilled = 0
         self.pos = 0  # position of `cur`; the cache holds [0, pos)
@@ -232,8 +232,3 @@ class Sequence:
             self.emit(out)
         else:
             self.outbox.append(out)
-
-    def next_draft(self, limit: int) -> Draft:
-        """The draft this step uses when the scheduler drafts for it without the model."""
-        d = self.lookup_draft(limit)
-        return d if d is not None else NO_DRAFT

@@ -24,6 +24,7 @@ import torch
 
 from engine.config import DraftConfig, SamplingParams
 from engine.lean import DraftPlan, LeanModel, Segment
+from engine.plain import plain_reason
 from engine.sampling import probs_for, sample
 
 
@@ -52,11 +53,12 @@ def lookup_ngram(history: torch.Tensor, max_n: int, limit: int) -> torch.Tensor:
 
 
 def draft_plan(model: LeanModel, cfg: DraftConfig) -> DraftPlan | None:
-    """The model-draft pass `cfg` describes, or None when it drafts without the model."""
-    if not cfg.enabled or not cfg.model_draft:
+    """The model-draft pass `cfg` describes, or None when it drafts without the model. Raises ValueError
+    when `cfg` does not fit the model (`DraftConfig.check`: the knobs' bounds)."""
+    cfg.check(model.n_layers)  # not the vocabulary: a larger draft vocabulary is clamped to the model's
+    if plain_reason(cfg) is not None or not cfg.model_draft:  # plain, or drafts by lookup alone
         return None
-    precision = {"none": "full"}.get(cfg.quantize, cfg.quantize)
-    return model.plan(cfg.skip_attn, cfg.skip_mlp, precision, cfg.draft_vocab, cfg.early_exit)
+    return model.plan(**cfg.plan_args())
 
 
 def draft_pass_args(model: LeanModel, cfg: DraftConfig) -> dict:

@@ -92,6 +92,8 @@ class DraftPlan:
     head: DraftHead | None = None
     key: tuple = ()
     exit_layer: int = 0  # run layers [0, exit_layer) then the final norm and head (early exit); 0 = all
+    # plan values of knobs declared after these fields (engine.knobs), by the name their `Knob.plan` gives
+    extra: dict = field(default_factory=dict)
 
 
 FULL = DraftPlan(key=("full",))
@@ -334,9 +336,6 @@ class LeanModel:
                     lw.proj[precision] = self._build_proj(i, precision)
         return sum(lw.proj[precision].nbytes for lw in self.layers)
 
-    def prepare_int8(self) -> int:
-        return self.prepare("int8")
-
     def quantization_error(self, precision: str) -> float:
         """Mean relative weight error of a draft precision's projections (0 for 'full')."""
         if self.native is not None:
@@ -345,12 +344,10 @@ class LeanModel:
         errs = [getattr(k, "error", 0.0) for lw in self.layers for k in vars(lw.proj[precision]).values()]
         return float(sum(errs) / len(errs))
 
-    def draft_head(self, rows: int, precision: str | bool = "full") -> DraftHead | None:
+    def draft_head(self, rows: int, precision: str = "full") -> DraftHead | None:
         """The draft head over the `rows` most frequent tokens (0 = all), cached. Frequency rank is the
         token id order: byte-level BPE vocabularies number tokens in merge order, which follows corpus
         frequency closely enough for a draft (FR-Spec ranks by counted frequency)."""
-        if isinstance(precision, bool):  # the earlier int8 flag
-            precision = "int8" if precision else "full"
         rows = self.vocab if rows <= 0 else min(rows, self.vocab)
         if rows == self.vocab and precision == "full":
             return None
@@ -367,15 +364,14 @@ class LeanModel:
             self._heads[key] = DraftHead(torch.arange(rows, device=self.device), lin)
         return self._heads[key]
 
-    def plan(self, skip_attn=(), skip_mlp=(), precision: str = "full", head_rows: int = 0, exit_layer: int = 0) -> DraftPlan:
-        """The draft pass for these knobs (weights built on first use), cached by its key."""
-        key = (tuple(sorted(skip_attn)), tuple(sorted(skip_mlp)), precision, head_rows, exit_layer)
+    def plan(self, skip_attn=(), skip_mlp=(), precision: str = "full", head_rows: int = 0, exit_layer: int = 0,
+             **extra) -> DraftPlan:  # fmt: skip
+        """The draft pass for these arguments (weights built on first use), cached by its key. The
+        arguments come from the knobs' declarations (`DraftConfig.plan_args`), which also validate them
+        against the model (`DraftConfig.check`, called by `engine.draft.draft_plan`); `extra` carries a
+        knob's values that no field here names, for the pass code that reads them (`DraftPlan.extra`)."""
+        key = (tuple(sorted(skip_attn)), tuple(sorted(skip_mlp)), precision, head_rows, exit_layer, *sorted(extra.items()))
         if key not in self._plans:
-            bad = [i for i in (*skip_attn, *skip_mlp) if not 0 <= i < self.n_layers]
-            if bad:
-                raise ValueError(f"draft skips layers {bad} but the model has {self.n_layers} layers")
-            if not 0 <= exit_layer <= self.n_layers:
-                raise ValueError(f"draft exits after layer {exit_layer} but the model has {self.n_layers} layers")
             if precision != "full":
                 self.prepare(precision)
             # Low-bit drafts score with an int8 head: 4-bit rows of a head that GGUF keeps in 8 bits (SmolLM2's
@@ -383,7 +379,7 @@ class LeanModel:
             head_precision = "int8" if precision == "int4" else precision
             self._plans[key] = DraftPlan(
                 frozenset(skip_attn), frozenset(skip_mlp), precision, self.draft_head(head_rows, head_precision), key,
-                exit_layer if exit_layer < self.n_layers else 0,
+                exit_layer if exit_layer < self.n_layers else 0, dict(extra),
             )
         return self._plans[key]
 
@@ -440,6 +436,10 @@ class LeanModel:
         a.copy_(ra)
         b.copy_(rb)
 
+    def _pass_layers(self, plan: DraftPlan) -> list[tuple[int, LayerWeights]]:
+        """The decoder layers `plan`'s pass runs, with their indices (both forwards loop over this)."""
+        return list(enumerate(self.layers[: plan.exit_layer or self.n_layers]))
+
     def forward_batch(self, segments: list[Segment], plan: DraftPlan | None = None) -> list[torch.Tensor | None]:
         """One pass over every segment's rows; returns per segment its logits rows (or hidden states)."""
         plan = plan or FULL
@@ -460,7 +460,7 @@ class LeanModel:
             x = x * self.embed_scale
         rows: dict[str, object] = {}
         masks: dict[tuple[int, int | None], torch.Tensor | None] = {}
-        for i, lw in enumerate(self.layers[: plan.exit_layer or self.n_layers]):
+        for i, lw in self._pass_layers(plan):
             proj = lw.proj[plan.precision]
             if i not in plan.skip_attn:
                 if lw.rope not in rows:
@@ -497,7 +497,7 @@ class LeanModel:
         empty = _EMPTY
         h_, hk, d, eps = self.n_heads, self.n_kv, self.head_dim, self.eps
         act_fn = 1 if self.spec.act == "gelu_tanh" else 0
-        for i, lw in enumerate(self.layers[: plan.exit_layer or self.n_layers]):
+        for i, lw in self._pass_layers(plan):
             p = lw.proj["full"]
             if i not in plan.skip_attn:
                 ext.attn_block(
@@ -616,20 +616,13 @@ class LeanModel:
         self,
         tokens: torch.Tensor,  # [M] int64
         start: int,
-        skip_attn: frozenset[int] = frozenset(),
-        skip_mlp: frozenset[int] = frozenset(),
-        last_only: bool = False,
         *,
+        last_only: bool = False,
         plan: DraftPlan | None = None,
         cache: SeqCache | None = None,
-        int8: bool = False,
-        head: DraftHead | None = None,
     ) -> torch.Tensor:  # [M, vocab] (or [1, vocab] with last_only)
-        """One sequence's pass on `cache` (default: a scratch cache of this model). Full-vocabulary
-        logits; a subset head's are -inf outside its rows."""
-        if plan is None and (skip_attn or skip_mlp or int8 or head is not None):
-            base = self.plan(skip_attn, skip_mlp, "int8" if int8 else "full")
-            plan = DraftPlan(base.skip_attn, base.skip_mlp, base.precision, head, base.key + ("head", id(head)))
+        """One sequence's pass on `cache` (default: a scratch cache of this model), the draft `plan`'s
+        when given. Full-vocabulary logits; a subset head's are -inf outside its rows."""
         if cache is None:
             if self._scratch is None:
                 self._scratch = self.new_cache()

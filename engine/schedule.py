@@ -27,6 +27,7 @@ from engine.decode import Sequence
 from engine.draft import NO_DRAFT, Draft, DraftJob, draft_batch, job_draft
 from engine.gpu import device_clock, to_device, to_host
 from engine.lean import FULL, LeanModel, Segment
+from engine.plain import LOAD, plain_reason
 
 
 class QueueFull(RuntimeError):
@@ -155,10 +156,11 @@ class Scheduler:
         for s in decoding:
             limit = limits[s]
             if cap is not None and s in flexible and cap < limit:
-                limit = cap
-                if cap == 0:
+                if plain_reason(s.config, cap=cap) == LOAD:
+                    limit = 0
                     s.stats.load_plain_steps += 1
                 else:
+                    limit = cap
                     s.stats.load_capped_steps += 1
             if limit <= 0:
                 drafts[s] = NO_DRAFT

@@ -102,7 +102,7 @@ def build(
         for name, r in sorted(results.items())
     }
     for entry in domains.values():
-        entry.config.check_layers(ident.num_layers)
+        entry.config.check(ident.num_layers)
     manifest = IndexManifest(
         version=new_version(),
         created_at=now_iso(),
@@ -147,27 +147,10 @@ def build(
     return BuildResult(path=path, manifest=manifest, results=results, seconds=time.perf_counter() - t0, general=general)
 
 
-# DraftConfig's knobs, short headers: skipped attention / MLP layers, draft weights, draft LM-head rows,
-# prompt-lookup n-gram, model draft when lookup finds nothing, max draft tokens, confidence, adaptive.
-KNOB_COLUMNS = ("config", "skip attn", "skip mlp", "quant", "vocab", "lookup", "model", "max", "conf", "adaptive")
-
-
 def _knobs(c: DraftConfig) -> list[str]:
-    """Every DraftConfig knob as table cells ('-' where plain decoding has none)."""
-    if not c.enabled:
-        return ["plain", *["-"] * (len(KNOB_COLUMNS) - 1)]
-    return [
-        c.config_id,
-        ",".join(map(str, c.skip_attn)) or "-",
-        ",".join(map(str, c.skip_mlp)) or "-",
-        c.quantize,
-        str(c.draft_vocab or "all"),
-        str(c.prompt_lookup or "-"),
-        "yes" if c.model_draft else "no",
-        str(c.max_draft),
-        f"{c.confidence:.2f}",
-        f"{c.target_acceptance:.2f}" if c.adaptive else "no",
-    ]
+    """Every DraftConfig knob as table cells ('-' where plain decoding has none); the columns are
+    `DraftConfig.report_columns()`, one per knob whose declaration names one (engine.config)."""
+    return c.report_cells()
 
 
 def _ratio(r) -> str:
@@ -180,7 +163,7 @@ def manifest_table(m: IndexManifest, title: str = ""):
     from rich.table import Table
 
     t = Table(title=title or f"index {m.version} ({m.model_id}, {m.representation}, threshold {m.distance_threshold:.3f})")
-    for col in ("domain", "source", *KNOB_COLUMNS, "vs plain [CI]", "own/general [CI]", "accept", "tok/step", "prompts", "centroids"):
+    for col in ("domain", "source", *DraftConfig.report_columns(), "vs plain [CI]", "own/general [CI]", "accept", "tok/step", "prompts", "centroids"):
         t.add_column(col, no_wrap=True)
     g = m.general
     t.add_row(

@@ -27,6 +27,8 @@ from typing import Any, Protocol
 from pydantic import BaseModel, ConfigDict, Field
 
 from engine.config import KNOBS, DecodeStats, DraftConfig, KnobSpace, SamplingParams
+from engine.costs import expected_tokens
+from engine.knobs import total_cost
 from index.select import PromptLike
 from index.settings import SearchSettings
 
@@ -75,22 +77,20 @@ class Screening(BaseModel):
 # ------------------------------------------------------------------------------------------ cost model
 
 
-def draft_cost(cfg: DraftConfig, num_layers: int, s: SearchSettings, scale: float = 1.0) -> float:
-    """Cost of one draft pass relative to a full 1-token pass: the sub-layers it still runs (cheaper on
-    int8 copies) plus the LM head (cheaper over a vocabulary subset), times a calibration `scale`."""
-    kept = num_layers - s.attn_share * len(cfg.skip_attn) - (1.0 - s.attn_share) * len(cfg.skip_mlp)
-    layers = (1.0 - s.head_cost) * kept / num_layers * (s.int8_cost if cfg.quantize == "int8" else 1.0)
-    head = s.head_cost * (s.subset_head_cost if cfg.draft_vocab > 0 else 1.0)
-    return scale * (head + layers)
+def estimated_draft_cost(cfg: DraftConfig, num_layers: int, s: SearchSettings, scale: float = 1.0) -> float:
+    """The cost model's estimate of one draft pass relative to a full 1-token pass (what `engine.bench.draft_cost`
+    measures): the sub-layers it still runs (cheaper on
+    int8 copies) plus the LM head (cheaper over a vocabulary subset), times a calibration `scale`. Each
+    knob's share comes from its declaration (`Knob.cost`, engine.config.DraftConfig)."""
+    return scale * total_cost(cfg.cost_parts(num_layers, s.cost_model()), num_layers, s.cost_model())
 
 
 def proxy_speedup(alpha: float, gamma: int, cost: float, verify_token_cost: float) -> float:
-    """Expected speedup of drafting `gamma` tokens at per-token acceptance `alpha` (Leviathan et al.):
-    E[tokens per step] = (1 - alpha^(gamma+1)) / (1 - alpha); a step costs gamma drafts + one verify."""
-    alpha = min(max(alpha, 0.0), 1.0)
-    tokens = gamma + 1.0 if alpha >= 1.0 else (1.0 - alpha ** (gamma + 1)) / (1.0 - alpha)
+    """Expected speedup of drafting `gamma` tokens at per-token acceptance `alpha`: expected committed
+    tokens per step (`engine.costs.expected_tokens`, the one model of it) over the step's cost, gamma
+    drafts of `cost` (`estimated_draft_cost`) + one verify."""
     step = gamma * cost + 1.0 + verify_token_cost * gamma
-    return tokens / step
+    return expected_tokens(alpha, gamma) / step
 
 
 # ------------------------------------------------------------------------------------------ proposals
@@ -144,7 +144,7 @@ def random_params(
     `weights` (per layer) when given; every other searched knob uniform over its values. Knobs that make a
     full-depth draft pay (a cheaper precision) are drawn first: off their default, none skipped is allowed."""
     space = s.space()
-    p: dict[str, Any] = {k: rng.choice(sp.values()) for k, sp in space.items() if _pays_alone(sp)}
+    p: dict[str, Any] = {k: rng.choice(sp.values(layers)) for k, sp in space.items() if _pays_alone(sp)}
     subs = [(k, i) for i in layers for k in layer_knobs()]
     top = max(1, int(round(s.max_skip_fraction * len(subs)))) if subs else 0
     low = 0 if any(v != DraftConfig.model_fields[k].default for k, v in p.items()) else 1
@@ -152,13 +152,15 @@ def random_params(
     w = [(weights or {}).get(i, 1.0) for _, i in subs]
     chosen = set(_weighted_sample(rng, subs, w, n)) if n else set()
     p |= {_sub(k, i): int((k, i) in chosen) for k, i in subs}
-    p |= {k: rng.choice(sp.values()) for k, sp in space.items() if not _pays_alone(sp)}
+    p |= {k: rng.choice(sp.values(layers)) for k, sp in space.items() if not _pays_alone(sp)}
     return p
 
 
 def _start(name: str, space: KnobSpace) -> Any:
     """A seed's value of a knob: its DraftConfig default, moved into the searched values."""
     default = DraftConfig.model_fields[name].default
+    if space.kind == "layer":
+        return 0  # off: a "layer" knob's first value
     if space.kind == "choice":
         return default if default in space.choices else space.choices[0]
     return min(max(default, space.low), space.high)
@@ -196,8 +198,10 @@ def seed_list(layers: Sequence[int], s: SearchSettings, weights: dict[int, float
     return seeds
 
 
-def _suggest(trial: Any, name: str, space: KnobSpace) -> Any:
-    """TPE's value for one knob, on the knob's searched values."""
+def _suggest(trial: Any, name: str, space: KnobSpace, layers: Sequence[int]) -> Any:
+    """TPE's value for one knob, on the knob's searched values (a "layer" knob's: the searchable layers)."""
+    if space.kind == "layer":
+        return trial.suggest_categorical(name, list(space.values(layers)))
     if space.kind == "int":
         return trial.suggest_int(name, int(space.low), int(space.high), step=int(space.step))
     if space.kind == "float":
@@ -280,7 +284,7 @@ def calibrate(
         if st.time_draft > 0 and st.time_verify > 0 and st.steps > 0 and st.drafted > 0:
             per_draft = st.time_draft / st.drafted
             per_verify = st.time_verify / st.steps
-            raw = per_draft / per_verify / max(draft_cost(probe, L, s), 1e-6)
+            raw = per_draft / per_verify / max(estimated_draft_cost(probe, L, s), 1e-6)
             scales[q] = float(min(max(raw, 0.05), 3.0))
     return scales
 
@@ -317,13 +321,13 @@ def propose_and_screen(
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             trial = study.ask()
             params = {_sub(k, i): trial.suggest_int(_sub(k, i), 0, 1) for i in layers for k in layer_knobs()}
-            params |= {k: _suggest(trial, k, sp) for k, sp in s.space().items()}
+            params |= {k: _suggest(trial, k, sp, layers) for k, sp in s.space().items()}
         cfg = params_to_config(params, layers)
         if cfg in seen:  # a repeat: tell TPE the known value, do not spend budget on it
             study.tell(trial, seen[cfg].proxy)
             continue
         a = mean_agreement(engine, cfg, prepared)
-        proxy = proxy_speedup(a, cfg.max_draft, draft_cost(cfg, L, s, scales.get(cfg.quantize, 1.0)), s.verify_token_cost)
+        proxy = proxy_speedup(a, cfg.max_draft, estimated_draft_cost(cfg, L, s, scales.get(cfg.quantize, 1.0)), s.verify_token_cost)
         cand = Candidate(config=cfg, agreement=round(a, 5), proxy=round(proxy, 5), source=source)
         seen[cfg] = cand
         candidates.append(cand)

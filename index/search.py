@@ -40,7 +40,7 @@ from index.screen import (
     GenerationLike,
     Screening,
     SearchEngine,
-    draft_cost,
+    estimated_draft_cost,
     params_to_config,
     proxy_speedup,
     random_params,
@@ -54,7 +54,7 @@ from index.settings import SearchSettings
 # Re-exported: the search's callers and tests import these from here.
 __all__ = [
     "Candidate", "DomainResult", "GenerationLike", "Measured", "PromptLike", "SearchEngine", "SearchSettings", "StepProgress",
-    "draft_cost", "load_engine", "params_to_config", "proxy_speedup", "random_params", "search_domain", "seed_list", "seed_params",
+    "estimated_draft_cost", "load_engine", "params_to_config", "proxy_speedup", "random_params", "search_domain", "seed_list", "seed_params",
 ]  # fmt: skip
 
 log = logging.getLogger(__name__)
@@ -91,7 +91,7 @@ class DomainResult(BaseModel):
     acceptance: float = Field(description="Measured acceptance of the chosen configuration (0.0 for plain).")
     mean_accepted_tokens: float = Field(description="Measured tokens per verify pass of the chosen configuration (1.0 for plain).")
     plain_tokens_per_s: float = Field(0.0, description="Median tokens/s of plain decoding during measurement.")
-    draft_cost_scale: float = Field(1.0, description="Calibration factor of the cost model for fp32 drafts (measured / modelled draft cost).")
+    draft_cost_scale: float = Field(1.0, description="Calibration factor of the cost model for fp32 drafts (measured draft cost / estimated_draft_cost).")
     draft_cost_scales: dict[str, float] = Field(default_factory=dict, description="Calibration factor per draft precision ('none', 'int8').")
     layer_agreement: list[float] = Field(default_factory=list, description="Agreement when the draft skips only layer i (index = layer).")
     candidates: list[Candidate] = Field(default_factory=list, description="Every screened candidate, in proposal order.")

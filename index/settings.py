@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from engine.config import KNOBS, DraftConfig, KnobSpace
+from engine.knobs import CostModel
 
 if TYPE_CHECKING:
     from index.select import SelectSettings
@@ -87,7 +88,7 @@ class SearchSettings(SearchEffort):
         # only narrowing: KNOBS stays the one place that says what a knob's values can be
         for name, vals in v.items():
             space = KNOBS.get(name)
-            if space is None or space.kind == "layers" or not space.screened:
+            if space is None or space.kind in ("layers", "layer") or not space.screened:
                 raise ValueError(f"knobs: {name!r} is not a screened knob of engine.config.KNOBS")
             if space.kind == "choice":
                 ok = len(vals) > 0 and all(x in space.choices for x in vals)
@@ -96,6 +97,10 @@ class SearchSettings(SearchEffort):
             if not ok:
                 raise ValueError(f"knobs: {name}={tuple(vals)} does not narrow KNOBS' {space.values()}")
         return v
+
+    def cost_model(self) -> CostModel:
+        """The cost model's parameters, as the knobs' declarations read them (`Knob.cost`)."""
+        return CostModel(self.head_cost, self.attn_share, self.int8_cost, self.subset_head_cost)
 
     def space(self) -> dict[str, KnobSpace]:
         """The knobs screening searches besides the layer sets, in KNOBS order, narrowed by `knobs`."""

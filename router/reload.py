@@ -12,8 +12,9 @@ Validation before any version is served (at start, on reload, for a pin): checks
 (`index.artefact.load_artefact`), then `validate_manifest`: the model hash equals the served weights'
 (`expect_model_hash`), the embedder is the router's (`expect_embedder_id`), the configs were measured at the
 engine precision the replicas run (`expect_precision`, set with the model), and with a `ModelSpec` every
-draft config fits the served model (skipped layers exist, the draft vocabulary is no larger than the
-model's, knobs consistent). A refused version raises `IncompatibleArtefact` naming the reason; on reload it
+draft config fits the served model (`DraftConfig.problems`, the one validation, from each knob's declared
+bound: skipped layers exist, the early exit is within the model, the draft vocabulary is no larger than the
+model's; and knobs consistent). A refused version raises `IncompatibleArtefact` naming the reason; on reload it
 is counted per reason in `Reloader.rejected` and logged, and the old version keeps serving.
 """
 
@@ -69,23 +70,6 @@ class ModelSpec:
         return cls(num_layers=layers, vocab_size=vocab)
 
 
-def config_problems(config: DraftConfig, spec: ModelSpec) -> list[tuple[str, str]]:
-    """(reason, message) for each way `config` does not fit the model (empty when it fits)."""
-    if not config.enabled:
-        return []
-    out = []
-    bad = sorted(i for i in set(config.skip_attn) | set(config.skip_mlp) if i >= spec.num_layers)
-    if bad:
-        out.append(("layers", f"skips layers {bad}, but the model has {spec.num_layers} (0-{spec.num_layers - 1})"))
-    if len(set(config.skip_attn) & set(config.skip_mlp)) == spec.num_layers:
-        out.append(("config", "skips every layer: the draft would be the embedding alone"))
-    if config.draft_vocab > spec.vocab_size:
-        out.append(("vocab", f"draft_vocab {config.draft_vocab} exceeds the model's vocabulary of {spec.vocab_size}"))
-    if not config.model_draft and config.prompt_lookup == 0:
-        out.append(("config", "model_draft is off and prompt_lookup is 0: nothing would ever be drafted"))
-    return out
-
-
 def validate_manifest(
     manifest: IndexManifest,
     *,
@@ -115,7 +99,7 @@ def validate_manifest(
         return
     configs = [("fallback", manifest.fallback_config)] + [(n, d.config) for n, d in sorted(manifest.domains.items())]
     for name, cfg in configs:
-        problems = config_problems(cfg, spec)
+        problems = cfg.problems(spec.num_layers, spec.vocab_size)  # the knobs' bounds, declared with them
         if problems:
             reason, msg = problems[0]
             raise IncompatibleArtefact(reason, f"{where}: the draft config of domain {name!r} {msg}")

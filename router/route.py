@@ -72,7 +72,9 @@ def decide(
     manifest: IndexManifest,
     threshold: float | None = None,
 ) -> RouteDecision:
-    """Pure decision logic: vote, then fall back if the nearest centroid is below the threshold."""
+    """Pure decision logic: vote, then fall back if the nearest centroid is below the threshold. The
+    fallback config may itself be plain; whether a request then decodes plainly is decided in one place,
+    `engine.plain.plain_reason`, which the engine asks of the config it is given."""
     thr = manifest.distance_threshold if threshold is None else threshold
     if len(sims) == 0:
         return RouteDecision(

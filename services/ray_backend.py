@@ -3,8 +3,8 @@
 Per request: `route(req)` -> `Routed` (draft config + route info), then a streaming call
 `replica.options(stream=True).generate.remote(req, config)` whose `BackendChunk`s are passed through as
 they come, with the route info attached to the first and the last (the replica gets the draft config
-only). `route` is the one place that decides plain decoding: a request with `speculative: false` is not
-routed at all. Routing is an optimisation: if the Router deployment fails or cannot be reached, the
+only). `route` asks `engine.plain.plain_reason` (the one place that decides plain decoding): a request with
+`speculative: false` is not routed at all. Routing is an optimisation: if the Router deployment fails or cannot be reached, the
 request is decoded without speculation (same output) and the route says so (config "plain", fallback).
 A replica that cannot take the request surfaces as Serve's back-pressure error, which the gateway maps to 503.
 If the caller stops reading (client gone), the replica call is cancelled so its decode stops. A replica
@@ -29,6 +29,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
+from engine.plain import plain_reason
 from services.backend import BackendChunk, BackendRequest
 from services.errors import REPLICA_RESTART_RETRY_S, ServiceUnavailable
 from services.routing import Routed
@@ -119,7 +120,7 @@ class RayBackend:
 
     async def route(self, req: BackendRequest) -> Routed:
         """The draft config and route info for `req`: plain when it turns speculation off, else the Router's."""
-        if not req.speculative:  # no draft config is needed; skip the embedding
+        if plain_reason(speculative=req.speculative):  # no draft config is needed; skip the embedding
             return Routed.plain()
         try:
             return await self.router.route.remote(req.prompt, req.messages, req.tenant, req.index_version)

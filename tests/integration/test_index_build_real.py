@@ -58,7 +58,7 @@ def test_tiny_budget_build_on_the_real_model(tmp_path, engine):
     assert m.model_id == engine.model_id and m.embedder_dim == 384 and art.index.ntotal == 4
     assert set(m.domains) == {"math", "translate"}
     for name, e in m.domains.items():
-        e.config.check_layers(engine.num_layers)
+        e.config.check(engine.num_layers)
         assert e.speedup > 0 and e.n_prompts == 6 and e.n_centroids == 2
         if e.config.enabled:  # a chosen config must have beaten plain when measured
             assert e.speedup >= 1.03

@@ -59,7 +59,7 @@ def test_skipping_sublayers_changes_output_and_rejected_positions_are_overwritte
     lean = LeanModel(model, max_seq_len=64)
     ids = torch.randint(0, 97, (8,))
     with torch.inference_mode():
-        skipped = lean.forward(ids, 0, frozenset({1, 2}), frozenset({0})).clone()
+        skipped = lean.forward(ids, 0, plan=lean.plan(skip_attn={1, 2}, skip_mlp={0})).clone()
         ref = lean.forward(ids, 0).clone()  # a full pass rewrites every layer's K/V at 0..7
         assert (skipped - ref).abs().max() > 1e-3
         # Write garbage at positions 5..7 (as rejected drafts would), then recompute from position 5.
@@ -72,15 +72,14 @@ def test_skipping_sublayers_changes_output_and_rejected_positions_are_overwritte
 def test_int8_draft_and_subset_head(arch):
     model = tiny(arch)
     lean = LeanModel(model, max_seq_len=64)
-    added = lean.prepare_int8()
+    added = lean.prepare("int8")
     n_weights = sum(k.weight.numel() for lw in lean.layers for k in vars(lw.proj["int8"]).values())
     assert added >= n_weights  # one byte per weight plus scales
     ids = torch.randint(0, 97, (6,))
     with torch.inference_mode():
         ref = lean.forward(ids, 0)
-        q = lean.forward(ids, 0, int8=True)
-        head = lean.draft_head(40, "full")
-        sub = lean.forward(ids, 0, head=head)
+        q = lean.forward(ids, 0, plan=lean.plan(precision="int8"))
+        sub = lean.forward(ids, 0, plan=lean.plan(head_rows=40))  # the draft head over the 40 first rows
     # int8 weights approximate the fp32 model: close, but not equal
     assert 0 < (q - ref).abs().max() < 0.1 * ref.abs().max()
     assert torch.isinf(sub[:, 40:]).all() and torch.allclose(sub[:, :40], ref[:, :40], atol=1e-4)

@@ -9,6 +9,7 @@ import torch
 
 from engine import ext
 from engine.config import DraftConfig, RuntimeSettings, SamplingParams
+from engine.draft import draft_plan
 from engine.lean import Segment
 from engine.pack import FMT_F32, FMT_Q4, FMT_Q8, Packed, pack_blocks, pack_dense
 from tests.tiny import tiny_engine
@@ -221,9 +222,9 @@ def test_early_exit_runs_fewer_layers():
         full = lean.forward(ids, 0, cache=lean.new_cache(16))
     assert not torch.equal(early, full)
     with pytest.raises(ValueError, match="exits after layer 9"):
-        lean.plan(exit_layer=9)
+        draft_plan(lean, DraftConfig(early_exit=9))
     with pytest.raises(ValueError, match="exits after layer 9"):
-        DraftConfig(early_exit=9).check_layers(4)
+        DraftConfig(early_exit=9).check(4)
 
 
 def test_native_needs_the_cpu_in_float32():

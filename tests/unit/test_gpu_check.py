@@ -33,7 +33,7 @@ def test_the_checks_draft_configs_fit_the_gpu_models_layers():
     configs = json.loads((ROOT / "scripts" / "gpu_check_configs.json").read_text())
     serve = re.search(r"SERVE_CONFIG=\$\{GPU_CHECK_SERVE_CONFIG:-'(.*)'\}", text).group(1)
     for cfg in [*configs.values(), json.loads(serve)]:
-        DraftConfig.model_validate(cfg).check_layers(layers)
+        DraftConfig.model_validate(cfg).check(layers)
     subprocess.run(["bash", "-n", str(SCRIPT)], check=True)
     assert ".venv" not in text.split("set -uo pipefail")[1]  # nothing from a venv: the machine's python runs it
 

@@ -171,16 +171,16 @@ def test_openapi_has_request_bodies_and_error_statuses():
 
 
 def test_index_validation_against_the_served_model(tmp_path):
-    from router.reload import IncompatibleArtefact, ModelSpec, config_problems
+    from router.reload import IncompatibleArtefact, ModelSpec
 
     (tmp_path / "config.json").write_text(json.dumps({"text_config": {"num_hidden_layers": 18, "vocab_size": 262144}}))
     spec = ModelSpec.from_model_dir(tmp_path)
     assert spec == ModelSpec(num_layers=18, vocab_size=262144)
-    assert config_problems(DraftConfig(skip_mlp=(17,)), spec) == []
-    assert config_problems(DraftConfig(skip_mlp=(18, 999)), spec)[0][0] == "layers"
-    assert config_problems(DraftConfig(draft_vocab=300_000), spec)[0][0] == "vocab"
-    assert config_problems(DraftConfig(model_draft=False), spec)[0][0] == "config"
-    assert config_problems(DraftConfig.plain(), spec) == []
+    assert DraftConfig(skip_mlp=(17,)).problems(spec.num_layers, spec.vocab_size) == []
+    assert DraftConfig(skip_mlp=(18, 999)).problems(spec.num_layers, spec.vocab_size)[0][0] == "layers"
+    assert DraftConfig(draft_vocab=300_000).problems(spec.num_layers, spec.vocab_size)[0][0] == "vocab"
+    assert DraftConfig(model_draft=False).problems(spec.num_layers, spec.vocab_size)[0][0] == "config"
+    assert DraftConfig.plain().problems(spec.num_layers, spec.vocab_size) == []
     assert IncompatibleArtefact("layers", "x").reason == "layers"
 
 

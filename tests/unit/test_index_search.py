@@ -9,7 +9,7 @@ import pytest
 
 from engine.config import DecodeStats, DraftConfig, SamplingParams
 from index.corpus import Record
-from index.search import SearchSettings, draft_cost, proxy_speedup, search_domain
+from index.search import SearchSettings, estimated_draft_cost, proxy_speedup, search_domain
 
 
 @dataclass
@@ -148,9 +148,19 @@ def test_proxy_and_cost_model():
     assert proxy_speedup(0.0, 4, 0.5, 0.0) == pytest.approx(1 / 3)
     assert proxy_speedup(1.0, 4, 0.0, 0.0) == pytest.approx(5.0)
     assert proxy_speedup(0.8, 4, 0.2, 0.0) > proxy_speedup(0.5, 4, 0.2, 0.0)
-    full = draft_cost(DraftConfig(), 10, s)
+    full = estimated_draft_cost(DraftConfig(), 10, s)
     assert full == pytest.approx(1.0)
-    assert draft_cost(DraftConfig(skip_mlp=(1, 2)), 10, s) < draft_cost(DraftConfig(skip_attn=(1,)), 10, s) < full
+    assert estimated_draft_cost(DraftConfig(skip_mlp=(1, 2)), 10, s) < estimated_draft_cost(DraftConfig(skip_attn=(1,)), 10, s) < full
+
+
+def test_one_expected_tokens_model():
+    """Screening's proxy and the load-aware cap count expected tokens with one formula and one clamp."""
+    from engine.costs import expected_tokens
+
+    for alpha in (-0.5, 0.0, 0.3, 0.7, 0.999, 1.0, 1.5):
+        for gamma in (1, 4, 8):
+            assert proxy_speedup(alpha, gamma, 0.0, 0.0) == expected_tokens(alpha, gamma)
+    assert expected_tokens(1.0, 4) == 5.0 == expected_tokens(2.0, 4) and expected_tokens(-1.0, 4) == 1.0
 
 
 def test_empty_domain_rejected():

@@ -1,18 +1,23 @@
-"""The KNOBS table is the one place a draft knob is declared: the search space, the bench ablation and the
-CLI follow it. A knob added to the table (here `target_acceptance`, a field the table leaves out) shows up
-in random proposals, TPE suggestions, the configs built from them, the ablation and `--draft`."""
+"""A draft knob is declared once, in its DraftConfig field's `Knob` (engine.knobs): the search space
+(`KNOBS`), the bench ablation, the CLI, validation against a model, the draft plan, the cost model and the
+report follow it. A search space added to KNOBS (here `target_acceptance`, a field without one) shows up in
+random proposals, TPE suggestions, the configs built from them, the ablation and `--draft`; a knob that
+changes the pass (`exit_at`) is its declaration plus the pass code that reads it."""
 
 from __future__ import annotations
 
 import random
 from dataclasses import dataclass
+from typing import Annotated
 
 import pytest
+import torch
 from pydantic import Field, ValidationError
 from typer.testing import CliRunner
 
 from engine.bench import ABLATION_CONFIGS, knob_ablation
-from engine.config import KNOBS, DecodeStats, DraftConfig, KnobSpace
+from engine.config import KNOBS, DecodeStats, DraftConfig, KnobSpace, SamplingParams
+from engine.knobs import CostPart, Knob, layer_count
 from index.search import SearchSettings, params_to_config, random_params, search_domain, seed_list
 
 NEW = KnobSpace("float", 0.6, 0.9, 0.1, alone=0.8, label="ta")
@@ -127,3 +132,89 @@ def test_generate_draft_option(monkeypatch):
     assert _GenEngine.drafts[-1] == DraftConfig.plain()
     r = CliRunner().invoke(app, [*args, "--draft", "bogus=1"])
     assert r.exit_code != 0 and "KNOB=VALUE" in r.output
+
+
+# ---- a knob that changes the draft pass, added by its declaration and the pass code alone ---------------
+
+EXIT_AT = Knob(
+    KnobSpace("layer"),  # its range is the model's: searched over the searchable layers
+    limit=layer_count, reason="layers", problem="exits after layer {value} but the model has {num_layers} layers",
+    plan=lambda v: {"exit_after": v},
+    cost=lambda v, m, cm: CostPart(removed=m.num_layers - v if 0 < v < m.num_layers else 0.0),
+    column="exit at", cell=lambda v, c: str(v or "-"),
+)
+
+
+def _exit_after_pass(self, plan):
+    """The pass code that reads the new knob: the layers the pass runs (engine.lean's `_pass_layers`)."""
+    return list(enumerate(self.layers[: plan.extra.get("exit_after") or plan.exit_layer or self.n_layers]))
+
+
+@pytest.fixture
+def exit_at_knob(monkeypatch):
+    """What writing `exit_at: Annotated[int, EXIT_AT] = Field(0, ge=0, ...)` in DraftConfig's body (the
+    declaration) and the line above in engine/lean.py (the pass) do; nothing else is edited."""
+    from pydantic.fields import FieldInfo
+
+    from engine.lean import LeanModel
+
+    info = FieldInfo.from_annotated_attribute(Annotated[int, EXIT_AT], Field(0, ge=0, description="Draft exits after N layers."))
+    monkeypatch.setitem(DraftConfig.__pydantic_fields__, "exit_at", info)
+    DraftConfig.model_rebuild(force=True)
+    monkeypatch.setitem(KNOBS, "exit_at", EXIT_AT.space)  # what import derives from the declaration
+    monkeypatch.setattr(LeanModel, "_pass_layers", _exit_after_pass)
+    yield
+    monkeypatch.undo()
+    DraftConfig.model_rebuild(force=True)
+    assert "exit_at" not in DraftConfig.model_fields
+
+
+def test_a_pass_changing_knob_is_its_declaration_and_the_pass(exit_at_knob):
+    from test_index_search import SMALL, FakeClock, FakeEngine, _records
+
+    from engine.draft import draft_plan
+    from index.search import estimated_draft_cost
+    from tests.tiny import tiny_engine
+
+    cfg = DraftConfig(exit_at=2, max_draft=3, confidence=0.0)
+    assert DraftConfig().config_id == DraftConfig(exit_at=0).config_id  # ids of existing configs unchanged
+    assert cfg.config_id != DraftConfig(max_draft=3, confidence=0.0).config_id
+
+    # validation against the model: the engine, the router's reload and the build all call this
+    assert cfg.problems(4) == []
+    assert DraftConfig(exit_at=9).problems(4) == [("layers", "exits after layer 9 but the model has 4 layers")]
+    with pytest.raises(ValueError, match="exits after layer 9"):
+        DraftConfig(exit_at=9).check(4)
+
+    # the plan, and the pass that reads it: fewer layers, still lossless
+    eng = tiny_engine()
+    plan = draft_plan(eng.lean, cfg)
+    assert plan.extra == {"exit_after": 2} and plan.key != draft_plan(eng.lean, DraftConfig()).key
+    with pytest.raises(ValueError, match="exits after layer 9"):
+        draft_plan(eng.lean, DraftConfig(exit_at=9))
+    ids = eng.encode_prompt(prompt="abcabcabc")
+    full = eng.lean.forward(torch.tensor(ids), 0, cache=eng.lean.new_cache(16))
+    early = eng.lean.forward(torch.tensor(ids), 0, plan=plan, cache=eng.lean.new_cache(16))
+    assert not torch.equal(early, full)
+    params = SamplingParams(max_new_tokens=12)
+    spec = eng.generate(ids, params, cfg)
+    assert spec.token_ids == eng.generate(ids, params, DraftConfig.plain()).token_ids and spec.stats.drafted > 0
+
+    # its share of the estimated draft cost
+    s = SearchSettings()
+    assert estimated_draft_cost(cfg, 4, s) < estimated_draft_cost(DraftConfig(), 4, s)
+
+    # the report
+    assert DraftConfig.report_columns()[-1] == "exit at" and cfg.report_cells()[-1] == "2"
+
+    # the search: random proposals, seeds, TPE, and the configs built from them
+    layers = list(range(1, 7))
+    rng = random.Random(0)
+    proposals = [random_params(rng, layers, s) for _ in range(40)]
+    assert {p["exit_at"] for p in proposals} == {0, *layers}
+    assert {params_to_config(p, layers).exit_at for p in proposals} == {0, *layers}
+    assert all(p["exit_at"] == 0 for p in seed_list(layers, s, {}))
+    clock = FakeClock()
+    res = search_domain(FakeEngine(clock), "math", _records(), SMALL.model_copy(update={"budget": 20}), progress=False, clock=clock)
+    tpe = [c.config.exit_at for c in res.candidates if c.source == "tpe"]
+    assert tpe and set(tpe) <= set(range(8)) and len({c.config.exit_at for c in res.candidates}) > 1
