@@ -5,7 +5,8 @@ Runtime modes: `serial` (one request at a time: the replica before batching), `b
 `batched-spec` (the routed config per prompt from the default index, or `--config`). Prints a table,
 writes JSON (`results`: rows of {mode, concurrency, agg_tps, p50_latency_s, p99_latency_s, ttft_p50_s,
 identical, ...}) and a PNG. `identical`: every request's tokens equal its prompt's solo plain decoding.
-HTTP modes: `http-spec` and `http-plain` (`"speculative": false`); `identical` compares their texts.
+HTTP modes: `http-spec` and `http-plain` (`"speculative": false`); `identical` compares their texts, and
+`texts` in the JSON holds each (mode, prompt)'s text, for comparing two runs.
 """
 
 from __future__ import annotations
@@ -52,8 +53,9 @@ def bench_serve(
     plist = load_prompts(prompts) if prompts else builtin_prompts()
     levels = _ints(concurrency)
     if http:
-        rows = _bench_http(http, api_key, plist, levels, requests, max_new_tokens, model, console)
-        report = {"target": http, "model": model, "max_new_tokens": max_new_tokens, "results": rows}
+        rows, texts = _bench_http(http, api_key, plist, levels, requests, max_new_tokens, model, console)
+        report = {"target": http, "model": model, "max_new_tokens": max_new_tokens, "results": rows,
+                  "texts": texts}
     else:
         report = _bench_runtime(model, plist, levels, requests, max_new_tokens, [m for m in modes.split(",") if m],
                                 config, index, threads, device, dtype, max_running, console)
@@ -116,7 +118,9 @@ def _bench_runtime(model, plist, levels, requests, max_new_tokens, modes, config
     }
 
 
-def _bench_http(url, key, plist, levels, requests, max_new_tokens, model, console) -> list[dict]:
+def _bench_http(url, key, plist, levels, requests, max_new_tokens, model, console) -> tuple[list[dict], dict]:
+    """The HTTP rows and each (mode, prompt)'s text, keyed "mode/prompt index" (so two runs, e.g. before and
+    after a change to the service, can be compared text for text)."""
     import httpx
 
     from engine.loadtest import summarize
@@ -162,7 +166,7 @@ def _bench_http(url, key, plist, levels, requests, max_new_tokens, model, consol
                if ("http-spec", i) in texts and ("http-plain", i) in texts)
     for row in rows:
         row["identical"] = same
-    return rows
+    return rows, {f"{mode}/{i}": text for (mode, i), text in sorted(texts.items())}
 
 
 def _print(rows: list[dict]) -> None:

@@ -3,7 +3,7 @@ place that decides. Speculation never changes the output, only the speed, so eac
 speed decision, and every site asks here:
 
 - "request": the request turned speculation off (`speculative: false`); asked before routing, so such a
-  request is not routed at all (services: the backend's route).
+  request is not routed at all (services.replica `ModelReplica.route`).
 - "config": the config it decodes with is plain: the route's (a domain's, or the fallback's for a prompt far
   from every domain, which a build may leave plain) or plain because routing failed; asked by the engine's
   request (`engine.decode.Sequence`) and the drafter (`engine.draft.draft_plan`).

@@ -1,7 +1,9 @@
 """The Serve application builder: the only place that applies `serve.deployment` and `.bind`.
 
-    Gateway (FastAPI ingress)  --handle-->  Router        (RouterService: embed + KNN -> DraftConfig)
-                               --handle-->  ModelReplica  (ModelReplica: one engine, streams chunks)
+    Gateway (FastAPI ingress)  --handle-->  ModelReplica  (ModelReplica: tokenise, route, decode, stream chunks)
+                                              --handle-->  Router  (RouterService: embed + KNN -> DraftConfig)
+
+One Ray call per request from the gateway: the replica reads the prompt and asks the router itself.
 
 `build_app(args)` is the `import_path` target of the Serve config (`services.app:build_app`); `args` is
 `{"config": <AppConfig as a dict>}` (see `AppConfig.serve_applications`), or an AppConfig. Each
@@ -39,25 +41,25 @@ def _config(args: Any) -> AppConfig:
 
 
 class GatewayIngress:
-    """The ingress deployment's body: the OpenAI gateway over a `RayBackend` of the two handles.
+    """The ingress deployment's body: the OpenAI gateway over a `RayBackend` of the replica handle.
 
     Collaborators not given (tenants, limiter, usage, metrics) are built from the config in
     `build_asgi_app`, i.e. in the process that serves HTTP.
     """
 
-    def __init__(self, config: AppConfig | dict, router: Any, replica: Any, **collaborators: Any) -> None:
+    def __init__(self, config: AppConfig | dict, replica: Any, **collaborators: Any) -> None:
         self.config = _config(config)
         scaling = self.config.deployments.replica.autoscaling_config
         # a scale-from-zero deployment starts a replica because a request waits for one; others answer 503
         # at once while no replica serves (services.ray_backend)
-        self.backend = RayBackend(router, replica, [self.config.model],
+        self.backend = RayBackend(replica, [self.config.model],
                                   wait_for_replica=scaling is not None and scaling.min_replicas == 0)
         self.collaborators = collaborators
         self._redis = None
         self._tenants = None
 
     def build_asgi_app(self):
-        from services.gateway import build_gateway_app, load_prompt_counter
+        from services.gateway import build_gateway_app
         from services.limits import RateLimiter
         from services.metrics import ServiceMetrics
         from services.tenants import TenantStore, load_tenants_file
@@ -79,8 +81,7 @@ class GatewayIngress:
         )
         usage = got["usage"] if "usage" in got else UsageStore(self._redis, c.redis_prefix)
         metrics = got.get("metrics") or ServiceMetrics()
-        counter = got["count_prompt_tokens"] if "count_prompt_tokens" in got else load_prompt_counter(c)
-        return build_gateway_app(self.backend, tenants, limiter, usage, metrics, c, counter)
+        return build_gateway_app(self.backend, tenants, limiter, usage, metrics, c)
 
     # Serve's late-bound ingress hook (Ray >= 2.60): called in the replica after __init__.
     def __serve_build_asgi_app__(self):
@@ -96,12 +97,12 @@ class GatewayIngress:
 
 
 def build_app(args: Any = None):
-    """Bind Gateway -> (Router, ModelReplica) into one Serve application (the `import_path` target)."""
+    """Bind Gateway -> ModelReplica -> Router into one Serve application (the `import_path` target)."""
     from ray import serve
 
     config = _config(args)
     d = config.deployments
     router = serve.deployment(RouterService, **d.router.serve_options()).bind(config)
-    replica = serve.deployment(ModelReplica, **d.replica.serve_options()).bind(config)
+    replica = serve.deployment(ModelReplica, **d.replica.serve_options()).bind(config, router=router)
     ingress = serve.ingress()(GatewayIngress)
-    return serve.deployment(ingress, **d.gateway.serve_options()).bind(config, router, replica)
+    return serve.deployment(ingress, **d.gateway.serve_options()).bind(config, replica)

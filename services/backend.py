@@ -5,10 +5,11 @@ The gateway turns an OpenAI request into one `BackendRequest` and reads `Backend
 only has to honour this contract:
 
 - `stream(req)` yields chunks in order. Each carries a text delta and how many tokens it holds.
-- The backend routes the request and reports the route: the first chunk carries `route` (routing happens
-  before decoding) and may carry `usage` with the prompt token count, so headers and aborted-stream
-  accounting can use them. A request with `speculative=False` is decoded plain and its route says so
-  (config "plain"); the backend is the one place that decides this.
+- The backend reads the prompt, routes the request and reports both: the first chunk carries `route`
+  (routing happens before decoding) and `usage` with the prompt's exact token count (the model side's own
+  tokenisation; the gateway counts nothing), so headers and aborted-stream accounting can use them. A
+  prompt over `max_prompt_tokens` is refused before any model work (`PromptTooLong`, a 400). A request
+  with `speculative=False` is decoded plain and its route says so (config "plain").
 - The last chunk has `finish_reason` set ("stop" or "length"), `usage`, `route` and `stats`
   (`engine.config.DecodeStats.to_dict()`: the one place acceptance is computed), and nothing follows it.
 - Failures are raised as exceptions; `services.errors.to_service_error` maps the known ones
@@ -46,6 +47,7 @@ class BackendRequest:
     messages: list[dict[str, str]] | None = None  # chat: [{"role": ..., "content": ...}], roles system/user/assistant
     speculative: bool = True  # False: decode plain (same output, only speed differs); the backend's route decides
     index_version: str | None = None  # the tenant's pinned index version; None means the current one
+    max_prompt_tokens: int = 0  # the tenant's prompt-token limit, checked by the replica on its exact count; 0: none
 
     def __post_init__(self) -> None:
         if (self.prompt is None) == (self.messages is None):

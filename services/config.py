@@ -146,6 +146,13 @@ class LimitsConfig(_Config):
 class GenerationConfig(_Config):
     default_max_tokens: int = Field(128, ge=1, description="max_tokens when a request leaves it out.")
     max_tokens_limit: int = Field(2048, ge=1, description="Largest max_tokens a request may ask for (400 above).")
+    stream_chunk_ms: float = Field(
+        20.0, ge=0, description="A replica coalesces the decoding steps that arrive within this many milliseconds "
+        "into one chunk to the gateway (one Ray message); the first token and the last step go at once."
+    )
+    stream_chunk_tokens: int = Field(
+        16, ge=1, description="Most tokens a replica gathers into one chunk before sending it (with stream_chunk_ms)."
+    )
 
 
 class ServeAppConfig(_Config):

@@ -7,10 +7,12 @@ its replica (`__serve_build_asgi_app__`) with a backend over deployment handles.
 Per generation request, admission comes before any work and before the body is read, from the headers
 alone: API key -> tenant (401), the tenant's requests in flight on this replica (429), rate limits (429).
 Then the body, within `http.body_timeout_s` (408) and `http.max_body_bytes` (413); JSON + schema (400,
-nesting depth and lone surrogates included), model (404), max_tokens cap (400), the tenant's prompt-token
-limit (400), then the backend. The first backend chunk is awaited before any response starts, so errors
-raised before decoding (prompt too long, no replica: 503 + Retry-After) get their real status even when
-streaming; an error after streaming began is sent as a final `data: {"error":...}` event. Usage, token
+nesting depth and lone surrogates included), model (404), max_tokens cap (400), then the backend. The
+gateway loads no tokenizer: the tenant's prompt-token limit travels with the request
+(`BackendRequest.max_prompt_tokens`) and the replica, which tokenises the prompt once, refuses a longer
+prompt on its exact count before any model work (400), and reports the count on its first chunk. The first
+backend chunk is awaited before any response starts, so errors raised before decoding (prompt over the
+tenant's limit or the context, no replica: 503 + Retry-After) get their real status even when streaming; an error after streaming began is sent as a final `data: {"error":...}` event. Usage, token
 limits and metrics are recorded once per request, including aborted streams. Rate-limit windows and usage
 are kept per tenant id (never reused), metrics are labelled with tenant names and need an admin key.
 """
@@ -23,8 +25,7 @@ import logging
 import re
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
-from pathlib import Path
+from collections.abc import AsyncIterator
 from typing import Any
 
 import anyio
@@ -43,7 +44,6 @@ from services.errors import (
     InvalidRequest,
     NotFound,
     PayloadTooLarge,
-    PromptTooLong,
     RateLimited,
     ReceiveGuardMiddleware,
     RequestTimeout,
@@ -85,10 +85,6 @@ log = logging.getLogger(__name__)
 COMPLETIONS = "/v1/completions"
 CHAT = "/v1/chat/completions"
 MAX_JSON_DEPTH = 32  # the schema nests 4 deep; far deeper is an attack, not a request
-CHAT_TOKENS_PER_MESSAGE = 4  # what a chat template adds around each turn (role markers), roughly
-
-# Prompt tokens of a request: (prompt, messages) -> count. None: the gateway has no tokenizer.
-PromptCounter = Callable[[str | None, list[dict[str, str]] | None], int]
 
 
 def _errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
@@ -108,11 +104,9 @@ def build_gateway_app(
     usage: UsageStore | None,
     metrics: ServiceMetrics,
     config: AppConfig,
-    count_prompt_tokens: PromptCounter | None = None,
 ) -> FastAPI:
-    """The gateway app. `limiter`/`usage` may be None to run without limits or usage accounting;
-    `count_prompt_tokens` None leaves prompt lengths to the model's context limit."""
-    gw = Gateway(backend, tenants, limiter, usage, metrics, config, count_prompt_tokens)
+    """The gateway app. `limiter`/`usage` may be None to run without limits or usage accounting."""
+    gw = Gateway(backend, tenants, limiter, usage, metrics, config)
     app = FastAPI(title="KNN-SSD serving", summary="OpenAI-compatible completions with KNN-routed self-speculation")
     install_error_handlers(app)
     app.add_middleware(HttpMetricsMiddleware, metrics=metrics)  # sees the final status of everything
@@ -184,39 +178,6 @@ def build_gateway_app(
     return app
 
 
-def load_prompt_counter(config: AppConfig) -> PromptCounter | None:
-    """Count prompt tokens with the served model's own tokenizer (`tokenizer.json` of its directory, read by
-    the `tokenizers` library: no model weights); None, with a warning, when it cannot be found. Chat turns
-    are counted as their text plus CHAT_TOKENS_PER_MESSAGE each (the template's markers, roughly); text that
-    spells a control token counts as text, as the replica tokenises it."""
-    source = config.model_path or config.model
-    try:
-        local = Path(source).expanduser()
-        if local.is_dir() and (local / "tokenizer.json").is_file():
-            model_dir = local
-        else:
-            from engine.load import resolve_model_dir  # the converted bundled model, cached on disk
-
-            model_dir, _ = resolve_model_dir(source)
-        from tokenizers import Tokenizer
-
-        tok = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
-        # Prompts and message content are text: control-token text in them counts as the ordinary tokens the
-        # replica makes of it (engine.encode), never as one control token.
-        tok.encode_special_tokens = True
-    except Exception as exc:  # noqa: BLE001 - the limit is a safeguard; the model's context limit still holds
-        log.warning("no tokenizer for %s (%s): prompt-token limits are not enforced by the gateway", source, exc)
-        return None
-
-    def count(prompt: str | None, messages: list[dict[str, str]] | None) -> int:
-        if messages is None:
-            return len(tok.encode(prompt or "", add_special_tokens=False).ids)
-        return sum(len(tok.encode(m["content"], add_special_tokens=False).ids) + CHAT_TOKENS_PER_MESSAGE
-                   for m in messages)
-
-    return count
-
-
 def _body_doc(model: type[BaseModel]) -> dict[str, Any]:
     """The request body of a route that reads its body itself (after admission), for the OpenAPI document."""
     return {"requestBody": {"required": True, "content": {"application/json": {
@@ -253,14 +214,13 @@ def _openapi_with_models(app: FastAPI) -> dict[str, Any]:
 class Gateway:
     """The request logic behind the routes; holds the injected collaborators."""
 
-    def __init__(self, backend, tenants, limiter, usage, metrics, config, count_prompt_tokens=None) -> None:
+    def __init__(self, backend, tenants, limiter, usage, metrics, config) -> None:
         self.backend: Backend = backend
         self.tenants: TenantStore = tenants
         self.limiter: RateLimiter | None = limiter
         self.usage: UsageStore | None = usage
         self.metrics: ServiceMetrics = metrics
         self.config: AppConfig = config
-        self.count_prompt_tokens: PromptCounter | None = count_prompt_tokens
         self.in_flight: dict[str, int] = {}  # tenant id -> requests admitted and not finished, on this replica
 
     # ---------------------------------------------------------------- checks
@@ -321,20 +281,11 @@ class Gateway:
             )
         return res
 
-    async def check_prompt(self, tenant: Tenant, req: Any, chat: bool) -> None:
-        """The tenant's prompt-token limit, before any model work (a long prefill holds a replica)."""
+    def prompt_cap(self, tenant: Tenant) -> int:
+        """The tenant's prompt-token limit (0: none). It travels with the request: the replica checks it on its
+        exact count, before any model work (services.replica)."""
         d = self.config.limits
-        cap = d.default_max_prompt_tokens if tenant.max_prompt_tokens is None else tenant.max_prompt_tokens
-        if not cap or self.count_prompt_tokens is None:
-            return
-        prompt, messages = (None, req.backend_messages()) if chat else (req.prompt, None)
-        n = await run_in_threadpool(self.count_prompt_tokens, prompt, messages)
-        if n > cap:
-            param = "messages" if chat else "prompt"
-            raise PromptTooLong(
-                f"This key may send prompts of at most {cap} tokens, but the {param} has about {n} tokens. "
-                "Shorten the prompt.", param=param,
-            )
+        return d.default_max_prompt_tokens if tenant.max_prompt_tokens is None else tenant.max_prompt_tokens
 
     async def backend_available(self) -> tuple[bool, str | None]:
         """Whether a model replica can serve (backends without a way to tell are assumed able)."""
@@ -373,7 +324,6 @@ class Gateway:
             raise InvalidRequest(
                 f"Invalid value for '{param}': at most {cap} on this server.", param=param, code="invalid_value"
             )
-        await self.check_prompt(tenant, req, chat)
 
         request_id = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
         breq = BackendRequest(
@@ -385,6 +335,7 @@ class Gateway:
             messages=req.backend_messages() if chat else None,
             speculative=req.speculative,
             index_version=tenant.index_version,
+            max_prompt_tokens=self.prompt_cap(tenant),
         )
         stats = RequestStats(
             endpoint=CHAT if chat else COMPLETIONS, tenant=tenant.name, model=req.model,

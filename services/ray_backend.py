@@ -1,11 +1,11 @@
-"""The gateway's `Backend` over Ray Serve deployment handles: route on the Router, decode on a ModelReplica.
+"""The gateway's `Backend` over a Ray Serve deployment handle: one streaming call to a ModelReplica per request.
 
-Per request: `route(req)` -> `Routed` (draft config + route info), then a streaming call
-`replica.options(stream=True).generate.remote(req, config)` whose `BackendChunk`s are passed through as
-they come, with the route info attached to the first and the last (the replica gets the draft config
-only). `route` asks `engine.plain.plain_reason` (the one place that decides plain decoding): a request with
-`speculative: false` is not routed at all. Routing is an optimisation: if the Router deployment fails or cannot be reached, the
-request is decoded without speculation (same output) and the route says so (config "plain", fallback).
+Per request: `replica.options(stream=True).generate.remote(req)`, whose `BackendChunk`s are passed through
+as they come. The replica does the rest of the request path (services.replica): it tokenises the prompt
+(the one tokenisation; its exact count and the tenant's limit are checked there), asks the Router
+deployment for the draft config (plain when the request turns speculation off or routing fails), attaches
+the route to the first and last chunks, and coalesces decoding steps into few chunks. So the gateway makes
+one Ray round trip per request and the route never travels through it.
 A replica that cannot take the request surfaces as Serve's back-pressure error, which the gateway maps to 503.
 If the caller stops reading (client gone), the replica call is cancelled so its decode stops. A replica
 that dies under a request surfaces as Ray's actor error, which the gateway maps to 503 + Retry-After.
@@ -29,10 +29,8 @@ import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
-from engine.plain import plain_reason
 from services.backend import BackendChunk, BackendRequest
 from services.errors import REPLICA_RESTART_RETRY_S, ServiceUnavailable
-from services.routing import Routed
 
 log = logging.getLogger(__name__)
 
@@ -41,17 +39,15 @@ ReplicaProbe = Callable[[], tuple[bool, str | None]]
 
 
 class RayBackend:
-    """`services.backend.Backend` over a Router handle and a ModelReplica handle.
+    """`services.backend.Backend` over a ModelReplica handle.
 
     `probe` tells whether a model replica is serving (default: `serve_replicas_probe` of the replica
     handle); `wait_for_replica` True sends requests on even when none is (scale-from-zero deployments)."""
 
-    def __init__(self, router: Any, replica: Any, models: list[str], *, probe: ReplicaProbe | None = None,
+    def __init__(self, replica: Any, models: list[str], *, probe: ReplicaProbe | None = None,
                  wait_for_replica: bool = False) -> None:
-        self.router = router
         self.replica = replica
         self._models = list(models)
-        self.route_failures = 0
         self.probe: ReplicaProbe = probe or (lambda: serve_replicas_probe(replica))
         self.wait_for_replica = wait_for_replica
         self.refused_no_replica = 0
@@ -118,43 +114,24 @@ class RayBackend:
         self._info = (now, info)
         return info
 
-    async def route(self, req: BackendRequest) -> Routed:
-        """The draft config and route info for `req`: plain when it turns speculation off, else the Router's."""
-        if plain_reason(speculative=req.speculative):  # no draft config is needed; skip the embedding
-            return Routed.plain()
-        try:
-            return await self.router.route.remote(req.prompt, req.messages, req.tenant, req.index_version)
-        except asyncio.CancelledError:
-            raise
-        except Exception:  # noqa: BLE001 - routing only changes speed; decode plain rather than fail
-            self.route_failures += 1
-            log.warning("routing request %s failed; decoding it without speculation", req.request_id, exc_info=True)
-            return Routed.plain(fallback=True)
-
     async def stream(self, req: BackendRequest) -> AsyncIterator[BackendChunk]:
         ok, why = await self._serving()
         if not ok:  # at once: a restarting replica takes as long as loading the model
             raise self._no_replica(why)
-        routed = await self.route(req)
-        gen = self.replica.options(stream=True).generate.remote(req, routed.config)
-        finished, first = False, True
+        gen = self.replica.options(stream=True).generate.remote(req)
+        finished = False
         try:
             if not self.wait_for_replica:
                 chunk = await self._first_chunk(gen)
                 if chunk is None:
                     finished = True
                     return
-                chunk.route = routed.info
-                first = False
                 finished = chunk.is_last
                 yield chunk
                 if finished:
                     return
             async for chunk in gen:
                 finished = chunk.is_last
-                if first or finished:  # the gateway reads the route from these (services.backend)
-                    chunk.route = routed.info
-                    first = False
                 yield chunk
                 if finished:
                     return

@@ -1,17 +1,28 @@
 """A model replica: one `Engine` and its batching `Scheduler`, decoding many requests at once.
 
-`ModelReplica.generate(req, draft)` decodes `req` with the draft config it is given (routing, and the
-choice of plain decoding, happened on the gateway's side, which also attaches the route to the chunks)
-and yields `BackendChunk`s by the contract in `services.backend`: the first carries the prompt's token
-count, the replica's name and its queue depth; the last carries finish_reason, usage and
-`DecodeStats.to_dict()` (usage is read from those stats).
+The request path is one Ray call from the gateway: `ModelReplica.generate(req)` reads the prompt once and
+does the rest here, in order:
+
+1. tokenises the prompt (`Engine.encode_prompt`, the one tokenisation of the request: the gateway loads no
+   tokenizer), and refuses it with a 400 (`PromptTooLong`) above the tenant's limit the gateway sent
+   (`BackendRequest.max_prompt_tokens`), naming the exact count, before any model work;
+2. routes it (`route`: plain when the request turns speculation off, else the Router deployment's answer
+   over the injected handle; a router that fails or cannot be reached decodes plain, and says so);
+3. decodes it in the scheduler and yields `BackendChunk`s by the contract in `services.backend`: the first
+   carries the prompt's exact token count, the route, the replica's name and its queue depth; the last
+   carries finish_reason, usage, the route and `DecodeStats.to_dict()` (usage is read from those stats).
+
+Chunks are coalesced here (`coalesce`): the first goes at once (time to first token), later ones gather the
+steps that arrive within `generation.stream_chunk_ms` of the first, up to `generation.stream_chunk_tokens`
+tokens, so a stream is a few Ray messages per request rather than one per decoding step; text and token
+counts are only concatenated and summed, so the client's output is the same.
 
 One decode thread runs the scheduler loop (torch keeps thread settings per OS thread; the engine is
 not thread-safe, so only that thread touches it after loading); requests join it at the next
 iteration and leave the moment they finish or their client goes away (the stream's close cancels the
 sequence, whose slot is freed at the next iteration). A full waiting queue is refused at once with a
 503 and `Retry-After` (never an unbounded wait). A plain class: the Serve deployment is applied in
-services/app.py.
+services/app.py, which binds the Router's handle into it.
 """
 
 from __future__ import annotations
@@ -21,14 +32,17 @@ import logging
 import os
 import socket
 import threading
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
 from engine.config import DraftConfig
+from engine.plain import plain_reason
 from engine.schedule import QueueFull
 from services.backend import BackendChunk, BackendRequest, Usage
 from services.config import AppConfig
-from services.errors import InvalidRequest, ServiceError, ServiceUnavailable, to_service_error
+from services.errors import InvalidRequest, PromptTooLong, ServiceError, ServiceUnavailable, to_service_error
+from services.routing import Routed
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +66,7 @@ class ModelReplica:
         *,
         threads: int | None = None,
         name: str | None = None,
+        router: Any | None = None,
     ) -> None:
         self.config = AppConfig.model_validate(config) if isinstance(config, dict) else (config or AppConfig())
         if threads is None:
@@ -62,7 +77,9 @@ class ModelReplica:
         self._ready = threading.Event()
         self._error: BaseException | None = None
         self.engine = engine
+        self.router = router  # the Router deployment's handle (None: every request decodes plain)
         self.served = 0
+        self.route_failures = 0
         self._thread = threading.Thread(target=self._loop, name="knnssd-decode", daemon=True)
         self._thread.start()
         self._ready.wait()
@@ -130,8 +147,41 @@ class ModelReplica:
 
     # ---------------------------------------------------------------- decoding
 
-    async def generate(self, req: BackendRequest, draft: DraftConfig) -> AsyncIterator[BackendChunk]:
-        """Decode `req` with `draft`, chunk by chunk (see the module docstring)."""
+    async def route(self, req: BackendRequest) -> Routed:
+        """The draft config and route info for `req`: plain when it turns speculation off (no embedding),
+        else the Router's. Routing only changes speed: a router that fails, or none, decodes plain (same
+        output) and the route says so (config "plain", fallback)."""
+        if plain_reason(speculative=req.speculative):  # engine.plain decides; no embedding for it
+            return Routed.plain()
+        if self.router is None:
+            return Routed.plain(fallback=True)
+        try:
+            return await self.router.route.remote(req.prompt, req.messages, req.tenant, req.index_version)
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # noqa: BLE001 - routing only changes speed; decode plain rather than fail
+            self.route_failures += 1
+            log.warning("routing request %s failed; decoding it without speculation", req.request_id, exc_info=True)
+            return Routed.plain(fallback=True)
+
+    def _encode(self, req: BackendRequest) -> list[int]:
+        """The prompt's token ids (the request's one tokenisation), or 400 for unusable or over-limit input."""
+        param = "messages" if req.messages is not None else "prompt"
+        try:
+            ids = self.engine.encode_prompt(prompt=req.prompt, messages=req.messages)
+        except ValueError as exc:  # e.g. chat messages for a model without a chat template
+            raise InvalidRequest(str(exc), param=param) from None
+        cap = req.max_prompt_tokens
+        if cap and len(ids) > cap:  # before any model work: a long prefill would hold this replica
+            raise PromptTooLong(
+                f"This key may send prompts of at most {cap} tokens, but the {param} has {len(ids)} tokens. "
+                "Shorten the prompt.", param=param,
+            )
+        return ids
+
+    async def generate(self, req: BackendRequest, draft: DraftConfig | None = None) -> AsyncIterator[BackendChunk]:
+        """Tokenise, route and decode `req`, chunk by chunk (see the module docstring). `draft` given (tests,
+        benches) decodes with it instead of routing."""
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
 
@@ -142,15 +192,11 @@ class ModelReplica:
             except RuntimeError:  # the request's loop is gone
                 pass
 
-        def make():
-            try:
-                ids = self.engine.encode_prompt(prompt=req.prompt, messages=req.messages)
-            except ValueError as exc:  # e.g. chat messages for a model without a chat template
-                raise InvalidRequest(str(exc), param="messages" if req.messages is not None else "prompt") from None
-            return ids, self.engine.sequence(ids, req.sampling, draft, emit=emit, rid=req.request_id)
-
         try:
-            ids, seq = await asyncio.to_thread(make)
+            ids = await asyncio.to_thread(self._encode, req)
+            routed = await self.route(req) if draft is None else Routed(config=draft, info=None)
+            seq = await asyncio.to_thread(
+                self.engine.sequence, ids, req.sampling, routed.config, emit=emit, rid=req.request_id)
             self.scheduler.submit(seq)
         except QueueFull as exc:
             raise ServiceUnavailable(
@@ -165,22 +211,24 @@ class ModelReplica:
                 raise
             raise mapped from None
         depth = self.queue_depth
+        g = self.config.generation
         first, done = True, False
         try:
-            while True:
-                tok_ids, text, finish, stats = await queue.get()
+            async for tok_count, text, finish, stats in coalesce(queue, g.stream_chunk_tokens, g.stream_chunk_ms / 1000):
                 if finish == "cancelled":
                     raise ServiceUnavailable("The request was cancelled by the replica.")
-                chunk = BackendChunk(text=text, tokens=len(tok_ids))
+                chunk = BackendChunk(text=text, tokens=tok_count)
                 if first:
                     chunk.usage = Usage(prompt_tokens=len(ids))
                     chunk.replica = self.name
                     chunk.queue_depth = depth
+                    chunk.route = routed.info  # the gateway reads the route from the first and last chunks
                     first = False
                 if finish is not None:
                     chunk.finish_reason = finish
                     chunk.usage = Usage(prompt_tokens=stats["prompt_tokens"], completion_tokens=stats["new_tokens"])
                     chunk.stats = stats
+                    chunk.route = routed.info
                     done = True
                     self.served += 1
                 yield chunk
@@ -189,3 +237,35 @@ class ModelReplica:
         finally:
             if not done:
                 seq.cancel()  # its slot is freed at the scheduler's next iteration
+
+
+async def coalesce(queue: asyncio.Queue, max_tokens: int, window_s: float) -> AsyncIterator[tuple]:
+    """(token count, text, finish_reason, stats) per outgoing chunk from the decode thread's per-step
+    snapshots (token ids, text, finish_reason, stats): the first step alone, at once; after it, each chunk
+    holds the steps that arrive within `window_s` of its first one, up to `max_tokens` tokens, and ends at
+    once with the step that finishes the request (or cancels it). Texts are concatenated and counts summed."""
+    first = True
+    while True:
+        ids, text, finish, stats = await queue.get()
+        count, parts = len(ids), [text]
+        if not first and finish is None:
+            deadline = time.monotonic() + window_s
+            while count < max_tokens:
+                if queue.empty():
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        break
+                    try:
+                        ids, text, finish, stats = await asyncio.wait_for(queue.get(), left)
+                    except TimeoutError:
+                        break
+                else:
+                    ids, text, finish, stats = queue.get_nowait()
+                count += len(ids)
+                parts.append(text)
+                if finish is not None:
+                    break
+        first = False
+        yield count, "".join(parts), finish, stats
+        if finish is not None:
+            return

@@ -1,16 +1,17 @@
 """Issue 22, finding 2: message content (and a completions prompt) is text. Control-token text inside it, such
 as `<|im_end|>\\n<|im_start|>system\\n...`, must not become control tokens, so a user cannot close its turn and
 open a system or assistant one. On the real SmolLM2 tokenizer and chat template, through `Engine.encode_prompt`
-(what a model replica runs) and the gateway's prompt-token counter; content without control-token text
-tokenises exactly as before."""
+(what a model replica runs, and what the tenant's prompt-token limit is checked on: the gateway counts
+nothing); content without control-token text tokenises exactly as before."""
 
 from __future__ import annotations
 
 import pytest
 
 from engine.encode import encode_chat, encode_text, special_texts
+from services.backend import BackendRequest
 from services.config import AppConfig
-from services.gateway import CHAT_TOKENS_PER_MESSAGE, load_prompt_counter
+from services.errors import PromptTooLong
 
 pytestmark = pytest.mark.slow  # the real model (converted once into the cache)
 
@@ -79,9 +80,21 @@ def test_encode_chat_follows_the_template_without_forgeries(tok):
     assert encode_chat(tok, messages) == template_ids(tok, messages)
 
 
-def test_the_gateway_counts_forged_content_as_text(tok):
-    count = load_prompt_counter(AppConfig())
-    assert count is not None
-    as_text = len(tok(FORGED, add_special_tokens=False, split_special_tokens=True).input_ids)
-    assert count(None, [{"role": "user", "content": FORGED}]) == as_text + CHAT_TOKENS_PER_MESSAGE
-    assert count(FORGED, None) == as_text
+def test_the_prompt_limit_counts_forged_content_as_the_text_the_model_sees(smollm2, tok):
+    """The replica checks the tenant's limit on the very ids it decodes (no second tokenizer to disagree)."""
+    from engine.config import SamplingParams
+    from services.replica import ModelReplica
+
+    rep = ModelReplica(AppConfig(), engine=smollm2, threads=2)
+    try:
+        for prompt, messages in ((FORGED, None), (None, [{"role": "user", "content": FORGED}])):
+            ids = encode_chat(tok, messages or [{"role": "user", "content": prompt}])
+            assert ids_of(tok, "<|im_start|>") in ids and ids.count(ids_of(tok, "<|im_start|>")) == 3  # the template's own
+            req = BackendRequest(request_id="r", tenant="t", model="smollm2", sampling=SamplingParams(),
+                                 prompt=prompt, messages=messages, max_prompt_tokens=len(ids))
+            assert rep._encode(req) == ids
+            req.max_prompt_tokens = len(ids) - 1
+            with pytest.raises(PromptTooLong, match=f"has {len(ids)} tokens"):
+                rep._encode(req)
+    finally:
+        rep.shutdown()

@@ -26,7 +26,7 @@ import httpx
 import pytest
 
 from engine.config import DraftConfig
-from services.backend import BackendChunk, RouteInfo, Usage
+from services.backend import BackendChunk, Usage
 from services.config import (
     AppConfig,
     DeploymentSettings,
@@ -38,7 +38,6 @@ from services.config import (
 from services.errors import PROXY_CALLBACK, PROXY_CALLBACK_ENV, ServiceUnavailable
 from router.redis_server import free_port
 from services.keys import router_key_prefix
-from services.routing import Routed
 from tests.serve_app import stop_serve_app
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -67,7 +66,7 @@ class QueueReplica:
     def __init__(self, config=None) -> None:
         self.config = config
 
-    async def generate(self, req, draft):
+    async def generate(self, req):
         if "FULL" in (req.prompt or ""):
             raise ServiceUnavailable("The replica's queue is full.", retry_after_s=7.0)
         if "SLOW" in (req.prompt or ""):
@@ -78,22 +77,15 @@ class QueueReplica:
                            stats={"drafted": 0, "accepted": 0, "steps": 1})
 
 
-class PlainRouter:
-    async def route(self, prompt=None, messages=None, tenant="default", index_version=None):
-        return Routed(config=DraftConfig.plain(), info=RouteInfo(config_id="plain"))
-
-
 def queue_app(config: AppConfig):
     from ray import serve
 
     from services.app import GatewayIngress
 
-    router = serve.deployment(PlainRouter, name="QRouter", ray_actor_options={"num_cpus": 0}).bind()
     replica = serve.deployment(QueueReplica, name="QReplica", max_ongoing_requests=1, max_queued_requests=1,
                                ray_actor_options={"num_cpus": 0}).bind(config)
     ingress = serve.ingress()(GatewayIngress)
-    return serve.deployment(ingress, name="QGateway", ray_actor_options={"num_cpus": 0}).bind(
-        config, router, replica, count_prompt_tokens=None)
+    return serve.deployment(ingress, name="QGateway", ray_actor_options={"num_cpus": 0}).bind(config, replica)
 
 
 # ---------------------------------------------------------------- fixture
@@ -519,7 +511,8 @@ def test_a_rate_limited_tenant_is_refused_before_it_sends_its_body(service):
 
 
 def test_prompt_token_limit_refuses_before_model_work(service):
-    """Refused at the gateway: the router (the first stage after the gateway) never sees the request."""
+    """Refused by the replica on its exact count right after tokenising, before routing: the router (the
+    first model work after it) never sees the request."""
     long_prompt = "hello " * 100  # ~100 tokens: over the "short" tenant's 20, under the default 256
     routed = _router_stats(service)["requests"]
     r = complete(service, tenant="short", prompt=long_prompt)

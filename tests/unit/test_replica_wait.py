@@ -8,21 +8,10 @@ import asyncio
 
 import pytest
 
-from engine.config import DraftConfig, SamplingParams
+from engine.config import SamplingParams
 from services.backend import BackendChunk, BackendRequest, RouteInfo, Usage
 from services.errors import ServiceUnavailable
 from services.ray_backend import RayBackend
-from services.routing import Routed
-
-
-class Router:
-    def __init__(self) -> None:
-        self.calls = 0
-        self.route = self
-
-    async def remote(self, *args):
-        self.calls += 1
-        return Routed(config=DraftConfig.plain(), info=RouteInfo(config_id="plain"))
 
 
 class Gen:
@@ -41,7 +30,8 @@ class Gen:
             raise StopAsyncIteration
         await self.release.wait()
         self.sent = True
-        return BackendChunk(text="ok", tokens=1, usage=Usage(1, 1), finish_reason="stop")
+        return BackendChunk(text="ok", tokens=1, usage=Usage(1, 1), finish_reason="stop",
+                            route=RouteInfo(config_id="plain"))  # the replica attaches the route
 
     def cancel(self) -> None:
         self.cancelled = True
@@ -56,7 +46,7 @@ class Replica:
     def options(self, stream=False):
         return self
 
-    def remote(self, req, draft):
+    def remote(self, req):
         self.gens.append(Gen(self.release))
         return self.gens[-1]
 
@@ -71,13 +61,13 @@ async def _collect(agen):
 
 def test_no_replica_serving_is_503_at_once_without_any_work():
     async def main():
-        router, replica = Router(), Replica()
-        be = RayBackend(router, replica, ["m"], probe=lambda: (False, "the replica died"))
+        replica = Replica()
+        be = RayBackend(replica, ["m"], probe=lambda: (False, "the replica died"))
         with pytest.raises(ServiceUnavailable) as exc:
             await asyncio.wait_for(_collect(be.stream(_req())), timeout=5)
         assert exc.value.code == "replica_unavailable" and exc.value.headers["retry-after"] == "5"
         assert "the replica died" in exc.value.message
-        assert router.calls == 0 and replica.gens == [] and be.refused_no_replica == 1
+        assert replica.gens == [] and be.refused_no_replica == 1
 
     asyncio.run(main())
 
@@ -86,7 +76,7 @@ def test_a_request_waiting_for_a_replica_that_dies_is_answered_503():
     async def main():
         state = {"ok": True}
         replica = Replica()
-        be = RayBackend(Router(), replica, ["m"], probe=lambda: (state["ok"], None if state["ok"] else "gone"))
+        be = RayBackend(replica, ["m"], probe=lambda: (state["ok"], None if state["ok"] else "gone"))
         be.WATCH_S = be.HEALTH_CACHE_S = 0.05
         task = asyncio.ensure_future(_collect(be.stream(_req())))
         await asyncio.sleep(0.2)  # queued for the replica: no first chunk yet
@@ -102,7 +92,7 @@ def test_a_request_waiting_for_a_replica_that_dies_is_answered_503():
 def test_a_busy_but_living_replica_is_waited_for():
     async def main():
         replica = Replica()
-        be = RayBackend(Router(), replica, ["m"], probe=lambda: (True, None))
+        be = RayBackend(replica, ["m"], probe=lambda: (True, None))
         be.WATCH_S = be.HEALTH_CACHE_S = 0.05
         task = asyncio.ensure_future(_collect(be.stream(_req())))
         await asyncio.sleep(0.3)
@@ -119,7 +109,7 @@ def test_scale_from_zero_and_a_failing_probe_let_requests_through():
                    {"probe": lambda: 1 / 0}):
             replica = Replica()
             replica.release.set()
-            be = RayBackend(Router(), replica, ["m"], **kw)
+            be = RayBackend(replica, ["m"], **kw)
             chunks = await asyncio.wait_for(_collect(be.stream(_req())), timeout=5)
             assert [c.text for c in chunks] == ["ok"], kw
 
@@ -128,7 +118,7 @@ def test_scale_from_zero_and_a_failing_probe_let_requests_through():
 
 def test_health_says_why():
     async def main():
-        be = RayBackend(Router(), Replica(), ["m"], probe=lambda: (False, "no ModelReplica replica is running"))
+        be = RayBackend(Replica(), ["m"], probe=lambda: (False, "no ModelReplica replica is running"))
         assert await be.available() == (False, "no ModelReplica replica is running")
 
     asyncio.run(main())

@@ -98,13 +98,14 @@ def test_replica_streams_by_the_backend_contract():
 
 
 def test_plain_when_speculation_is_off():
-    # decided once, by the backend's route step; the replica decodes with the config it is handed
+    # decided once, by the replica's route step (the router is not asked); a given config is decoded as is
     eng = FakeEngine()
-    rh = FakeReplicaHandle(ModelReplica(AppConfig(), engine=eng, threads=1))
-    be = RayBackend(FakeRouterHandle(), rh, ["smollm2"])
+    router = FakeRouterHandle()
+    rh = FakeReplicaHandle(ModelReplica(AppConfig(), engine=eng, threads=1, router=router))
+    be = RayBackend(rh, ["smollm2"])
     chunks = asyncio.run(_collect(be.stream(_req(speculative=False))))
     asyncio.run(_collect(rh.replica.generate(_req(), DraftConfig.plain())))
-    assert eng.drafts == [DraftConfig.plain(), DraftConfig.plain()]
+    assert eng.drafts == [DraftConfig.plain(), DraftConfig.plain()] and router.calls == 0
     assert chunks[0].route.config_id == chunks[-1].route.config_id == "plain" and not chunks[0].route.fallback
     rh.replica.shutdown()
 
@@ -188,6 +189,74 @@ def test_replica_prompt_too_long_crosses_processes_as_a_400():
     assert type(back) is PromptTooLong and back.status == 400 and back.code == "context_length_exceeded"
     assert "150" in back.message and rep.queue_depth == 0
     rep.shutdown()
+
+
+def test_the_tenant_prompt_limit_is_checked_on_the_replica_exact_count_before_model_work():
+    """The gateway loads no tokenizer: the limit travels with the request and the replica, which tokenises
+    once, refuses on the exact count, before routing or decoding; the count it reports is that count."""
+    from services.errors import PromptTooLong
+
+    eng = FakeEngine()
+    router = FakeRouterHandle()
+    rep = ModelReplica(AppConfig(), engine=eng, threads=1, router=router)
+    prompt = "w " * 30
+    n = len(eng.encode_prompt(prompt=prompt))
+    with pytest.raises(PromptTooLong) as info:
+        asyncio.run(_collect(rep.generate(_req(prompt=prompt, max_prompt_tokens=n - 1))))
+    assert info.value.status == 400 and info.value.param == "prompt"
+    assert f"at most {n - 1} tokens" in info.value.message and f"has {n} tokens" in info.value.message
+    assert router.calls == 0 and eng.drafts == [] and rep.queue_depth == 0
+    chunks = asyncio.run(_collect(rep.generate(_req(prompt=prompt, max_prompt_tokens=n))))
+    assert chunks[0].usage.prompt_tokens == n and router.calls == 1
+    msgs = [{"role": "user", "content": prompt}]
+    with pytest.raises(PromptTooLong) as info:
+        asyncio.run(_collect(rep.generate(BackendRequest(request_id="r", tenant="t", model="m", sampling=SamplingParams(),
+                                                         messages=msgs, max_prompt_tokens=3))))
+    assert info.value.param == "messages"
+    rep.shutdown()
+
+
+def test_replica_streams_coalesced_chunks_with_the_same_text_and_counts():
+    """Decoding steps arriving within `stream_chunk_ms` go as one chunk (one Ray message), the first at once;
+    with a zero window each step is its own chunk. Text and counts are the same either way."""
+    req = _req(n=24)
+    out = {}
+    for ms in (0.0, 10_000.0):
+        eng = FakeEngine(delay=0.002)
+        cfg = AppConfig(generation={"stream_chunk_ms": ms, "stream_chunk_tokens": 8})
+        rep = ModelReplica(cfg, engine=eng, threads=1)
+        out[ms] = asyncio.run(_collect(rep.generate(req, DraftConfig.plain())))
+        rep.shutdown()
+    ids, solo = _solo(eng, req)
+    for chunks in out.values():
+        assert "".join(c.text for c in chunks) == solo.text
+        assert sum(c.tokens for c in chunks) == chunks[-1].usage.completion_tokens == len(solo.token_ids)
+        assert chunks[0].tokens == 1 and chunks[0].usage.prompt_tokens == len(ids)
+    assert len(out[0.0]) == len(solo.token_ids)  # plain decoding: one token a step
+    coalesced = out[10_000.0]
+    assert [c.tokens for c in coalesced[:-1]] == [1] + [8] * (len(coalesced) - 2)  # by count, under a long window
+    assert len(coalesced) <= 2 + len(solo.token_ids) // 8
+
+
+def test_coalesce_merges_by_window_and_ends_with_the_last_step():
+    from services.replica import coalesce
+
+    async def main():
+        q: asyncio.Queue = asyncio.Queue()
+        for i in range(5):
+            q.put_nowait(([i], str(i), None, None))
+        got = []
+        agen = coalesce(q, 100, 0.05)
+        got.append(await agen.__anext__())  # the first step alone, at once
+        got.append(await agen.__anext__())  # the four queued, then the window runs out
+        q.put_nowait(([5], "5", None, None))
+        q.put_nowait(([6, 7], "67", "stop", {"new_tokens": 8}))
+        q.put_nowait(([9], "x", None, None))  # never read: the request has finished
+        got.append(await agen.__anext__())
+        got.extend([c async for c in agen])
+        return got
+
+    assert asyncio.run(main()) == [(1, "0", None, None), (4, "1234", None, None), (3, "567", "stop", {"new_tokens": 8})]
 
 
 # ---------------------------------------------------------------- router service
@@ -282,9 +351,11 @@ class _Remote:
 class FakeRouterHandle:
     def __init__(self, fail=False):
         self.fail = fail
+        self.calls = 0
         self.route = _Remote(self._route)
 
     async def _route(self, prompt, messages, tenant, version):
+        self.calls += 1
         if self.fail:
             raise RuntimeError("router down")
         return Routed(config=CFG, info=ROUTE)
@@ -316,38 +387,40 @@ class FakeReplicaHandle:
         self.stream = stream
         return self
 
-    def _generate(self, req, draft):
-        g = FakeGen(self.replica.generate(req, draft))
+    def _generate(self, req):
+        self.calls = getattr(self, "calls", 0) + 1
+        g = FakeGen(self.replica.generate(req))
         self.gens.append(g)
         return g
 
 
-def test_ray_backend_routes_then_streams():
+def test_ray_backend_makes_one_call_and_the_replica_routes():
     eng = FakeEngine()
-    rh = FakeReplicaHandle(ModelReplica(AppConfig(), engine=eng, threads=1))
-    be = RayBackend(FakeRouterHandle(), rh, ["smollm2"])
+    router = FakeRouterHandle()
+    rh = FakeReplicaHandle(ModelReplica(AppConfig(), engine=eng, threads=1, router=router))
+    be = RayBackend(rh, ["smollm2"])
     chunks = asyncio.run(_collect(be.stream(_req(n=2))))
-    assert rh.stream is True and eng.drafts == [CFG]
+    assert rh.stream is True and rh.calls == 1 and router.calls == 1 and eng.drafts == [CFG]
     assert chunks[0].route == ROUTE and chunks[-1].is_last and not rh.gens[0].cancelled
-    assert chunks[-1].route == ROUTE  # the backend attaches the route; the replica never sees it
+    assert chunks[-1].route == ROUTE  # the replica attaches the route; it never travels through the gateway
     assert be.models() == ["smollm2"]
 
 
-def test_ray_backend_decodes_plain_when_routing_fails_or_is_off():
+def test_replica_decodes_plain_when_routing_fails_or_is_off():
     eng = FakeEngine()
-    rh = FakeReplicaHandle(ModelReplica(AppConfig(), engine=eng, threads=1))
-    be = RayBackend(FakeRouterHandle(fail=True), rh, ["smollm2"])
-    chunks = asyncio.run(_collect(be.stream(_req(n=2))))
-    assert eng.drafts == [DraftConfig.plain()] and be.route_failures == 1
+    router = FakeRouterHandle(fail=True)
+    rep = ModelReplica(AppConfig(), engine=eng, threads=1, router=router)
+    chunks = asyncio.run(_collect(rep.generate(_req(n=2))))
+    assert eng.drafts == [DraftConfig.plain()] and rep.route_failures == 1
     assert chunks[0].route.fallback and chunks[0].route.config_id == "plain"
-    be2 = RayBackend(FakeRouterHandle(fail=True), rh, ["smollm2"])
-    asyncio.run(_collect(be2.stream(_req(n=2, speculative=False))))
-    assert be2.route_failures == 0  # not even asked
+    asyncio.run(_collect(rep.generate(_req(n=2, speculative=False))))
+    assert rep.route_failures == 1 and router.calls == 1  # not even asked
+    rep.shutdown()
 
 
 def test_ray_backend_cancels_an_abandoned_replica_call():
-    rh = FakeReplicaHandle(ModelReplica(AppConfig(), engine=FakeEngine(), threads=1))
-    be = RayBackend(FakeRouterHandle(), rh, ["smollm2"])
+    rh = FakeReplicaHandle(ModelReplica(AppConfig(), engine=FakeEngine(), threads=1, router=FakeRouterHandle()))
+    be = RayBackend(rh, ["smollm2"])
 
     async def main():
         agen = be.stream(_req(n=20))
@@ -367,9 +440,8 @@ def test_gateway_ingress_builds_the_app_with_injected_collaborators():
     from services.tenants import Tenant, TenantStore
 
     tenant, key = Tenant.create("t")
-    ing = GatewayIngress(AppConfig(), FakeRouterHandle(), FakeReplicaHandle(None),
-                         tenants=TenantStore(None, tenants=[tenant]), limiter=None, usage=None, metrics=ServiceMetrics(),
-                         count_prompt_tokens=None)  # no tokenizer: the unit test stays free of model files
+    ing = GatewayIngress(AppConfig(), FakeReplicaHandle(None),
+                         tenants=TenantStore(None, tenants=[tenant]), limiter=None, usage=None, metrics=ServiceMetrics())
     app = ing.__serve_build_asgi_app__()
     paths = {r.path for r in app.routes}
     assert {"/v1/completions", "/v1/chat/completions", "/v1/models", "/health", "/metrics"} <= paths
@@ -382,7 +454,9 @@ def test_build_app_binds_three_deployments_from_the_config():
     app = build_app({"config": cfg.model_dump(mode="json")})
     ingress = app._bound_deployment
     assert ingress.name == "Gateway" and ingress.max_ongoing_requests == 64
-    names = {a._bound_deployment.name: a._bound_deployment for a in ingress.init_args[1:]}
+    (replica,) = (a._bound_deployment for a in ingress.init_args[1:])  # the gateway calls the replica only...
+    router = replica.init_kwargs["router"]._bound_deployment  # ...which calls the router
+    names = {d.name: d for d in (replica, router)}
     assert set(names) == {"Router", "ModelReplica"}
     assert names["ModelReplica"].max_ongoing_requests == cfg.deployments.replica.max_ongoing_requests
     assert names["ModelReplica"].ray_actor_options["num_cpus"] == 1.0

@@ -130,7 +130,7 @@ def test_the_fake_has_the_real_backends_shape(fake):
         assert list(inspect.signature(cls.stream).parameters) == ["self", "req"], cls
         assert not inspect.iscoroutinefunction(cls.models)
         assert list(inspect.signature(cls.models).parameters) == ["self"]
-    assert isinstance(RayBackend(router=None, replica=None, models=[MODEL]), Backend) and isinstance(fake, Backend)
+    assert isinstance(RayBackend(replica=None, models=[MODEL]), Backend) and isinstance(fake, Backend)
 
 
 def test_completion(client, fake):

@@ -42,7 +42,7 @@ def gateway():
     tenant, key = Tenant.create("alice")
     store = TenantStore(None, tenants=[tenant])
     backend = OkBackend()
-    app = build_gateway_app(backend, store, None, None, ServiceMetrics(), AppConfig(), None)
+    app = build_gateway_app(backend, store, None, None, ServiceMetrics(), AppConfig())
     return app, backend, {"authorization": f"Bearer {key}"}, key
 
 
