@@ -98,7 +98,7 @@ def test_a_gpu_device_reserves_a_gpu_and_takes_what_it_batches(device):
 def test_cpu_and_auto_devices_reserve_no_gpu():
     for device in ("cpu", "auto"):
         rep = AppConfig.model_validate({"engine": {"device": device}}).deployments.replica
-        assert rep.ray_actor_options.num_gpus == 0 and rep.max_ongoing_requests == 4
+        assert rep.ray_actor_options.num_gpus == 0 and rep.max_ongoing_requests == 8  # runtime.max_running
 
 
 def test_with_engine_validates_again():
