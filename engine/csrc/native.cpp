@@ -672,6 +672,8 @@ at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& w, double eps) {
 std::string build_kind() {
 #if defined(KNNSSD_SCALAR)
   return "scalar";
+#elif defined(__AVX512VNNI__) && defined(__AVX512VL__)
+  return "avx512";
 #else
   return "avx2";
 #endif

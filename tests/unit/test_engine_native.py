@@ -103,6 +103,12 @@ def test_kernel_rows_do_not_depend_on_how_many_rows_share_the_call(kind, act, bu
     assert err < (1e-5 if act == 0 or p.fmt == FMT_F32 else 2e-2)
 
 
+@pytest.mark.parametrize("build", BUILDS)
+def test_each_build_names_itself(build):
+    """The bench JSON's `kernels` field reads it: an avx512 build once called itself avx2."""
+    assert ext.load(build).build_kind() == build
+
+
 @pytest.mark.skipif(len(BUILDS) == 1, reason="this CPU runs the scalar build only")
 @pytest.mark.parametrize("build", BUILDS[1:])
 @pytest.mark.parametrize("kind", ["q4_1", "q8_0", "q6_k", "q5_1", "f32"])
