@@ -2,9 +2,11 @@
 
 Why several: the verify pass must be exact and batch-invariant (a row's result may not depend on how
 many rows share the matmul), the draft only has to be cheap.
-- `OneDnnLinear` (CPU, fp32): weights prepacked once for oneDNN. Measured here, rows are bit-identical
-  whether a matmul has 1 or 70 rows, and a 4-8 row matmul costs ~1.1-1.3x a 1-row one, which is what
-  makes verifying several tokens nearly free. MKL's `F.linear` is neither (rows differ with M).
+- `OneDnnLinear` (CPU, fp32): weights prepacked once for oneDNN. Rows are bit-identical whether a
+  matmul has 2 or 128 rows; a single row goes through the two-row kernel, since on Zen 4 (AVX-512)
+  oneDNN computes one row of a k=1536 product with another kernel whose bits differ (on AVX2 it did
+  not). A 4-8 row matmul costs ~1.1-1.3x a 1-row one (AVX2), which is what makes verifying several tokens
+  nearly free. MKL's `F.linear` is neither (rows differ with M).
 - `DenseLinear` (any device, any float dtype): `F.linear` / cuBLAS; the GPU verify and the
   device-generic path tests run on the CPU. Wrapped in `engine.gpu.FixedRowsLinear` there (fixed-shape
   row chunks), since cuBLAS and MKL rows are not batch-invariant by themselves.
