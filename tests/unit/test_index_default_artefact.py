@@ -22,7 +22,9 @@ def test_default_artefact_is_current_and_valid():
     assert m.model_id == "smollm2" and m.representation == "minilm" and m.embedder_dim == 384
     for e in m.domains.values():
         assert e.n_prompts == len(corpus.domains[e.name])
-        assert e.speedup >= 1.0  # a domain either measured a win or got plain
+        # never measurably slower than plain: a domain measured a win, got plain, or inherited a general config
+        # whose interval against plain on its prompts reaches 1 (index.select keeps plain out unless it wins)
+        assert e.speedup >= 1.0 or (e.measured is not None and e.measured.high >= 1.0), e
     assert {"search.json", "search.png"} <= set(m.files)
 
 
