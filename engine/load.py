@@ -17,6 +17,8 @@ import os
 import shutil
 import sys
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -122,6 +124,37 @@ def _convert_gguf(gguf: Path, out: Path) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def joined_gguf(parts: list[Path], joined: Path) -> Path:
+    """One GGUF file for a model shipped in raw parts: the parts concatenated once into `joined` (written
+    to a temporary name and renamed, so a reader never sees half a file); a single part is itself."""
+    if len(parts) == 1:
+        return parts[0]
+    if not joined.exists():
+        tmp = joined.with_suffix(".partial")
+        with tmp.open("wb") as dst:
+            for p in parts:
+                with p.open("rb") as src:
+                    shutil.copyfileobj(src, dst, 16 << 20)
+        os.replace(tmp, joined)
+    return joined
+
+
+@contextmanager
+def read_once_gguf(parts: list[Path], joined: Path) -> Iterator[Path]:
+    """`joined_gguf` for a file read once (conversion, packing): a joined copy is removed afterwards."""
+    path = joined_gguf(parts, joined)
+    try:
+        yield path
+    finally:
+        if len(parts) > 1:
+            path.unlink(missing_ok=True)
+
+
+def _joined_path(model_dir: Path) -> Path:
+    """Where a converted bundled model's joined GGUF lives: beside its directory."""
+    return model_dir.parent / f"{model_dir.name}.gguf"
+
+
 def resolve_model_dir(name: str) -> tuple[Path, str]:
     """Return (a local HF model directory, model id), converting a bundled GGUF on first use."""
     local = Path(name).expanduser()
@@ -136,19 +169,8 @@ def resolve_model_dir(name: str) -> tuple[Path, str]:
     out = cache_dir() / "models" / f"{name}-{_file_digest(parts)}"
     if not (out / "config.json").exists():
         out.parent.mkdir(parents=True, exist_ok=True)
-        if len(parts) == 1:
-            _convert_gguf(parts[0], out)
-        else:
-            joined = out.parent / f"{out.name}.gguf"
-            if not joined.exists():
-                tmp = joined.with_suffix(".partial")
-                with tmp.open("wb") as dst:
-                    for p in parts:
-                        with p.open("rb") as src:
-                            shutil.copyfileobj(src, dst, 16 << 20)
-                os.replace(tmp, joined)
-            _convert_gguf(joined, out)
-            joined.unlink(missing_ok=True)
+        with read_once_gguf(parts, _joined_path(out)) as gguf:
+            _convert_gguf(gguf, out)
     return out, name
 
 
@@ -173,15 +195,8 @@ def packed_weights(model_dir: Path, name: str):
     if parts is None:
         return None
     print(f"packing the GGUF blocks of {name} for the native kernels (once)", file=sys.stderr)
-    if len(parts) == 1:
-        packed = pack_gguf(parts[0])
-    else:
-        with tempfile.NamedTemporaryFile(suffix=".gguf", dir=Path(model_dir).parent) as joined:
-            for p in parts:
-                with p.open("rb") as src:
-                    shutil.copyfileobj(src, joined, 16 << 20)
-            joined.flush()
-            packed = pack_gguf(Path(joined.name))
+    with read_once_gguf(parts, _joined_path(Path(model_dir))) as gguf:
+        packed = pack_gguf(gguf)
     try:
         cache.parent.mkdir(exist_ok=True)
         save_packed(packed, cache, {"model": name, "source": _file_digest(parts)})

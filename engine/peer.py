@@ -56,23 +56,6 @@ def _gguf_type(path: Path) -> str:
     return counts.most_common(1)[0][0]
 
 
-def _joined(parts: list[Path], out_dir: Path) -> Path:
-    """One GGUF file (a model shipped in raw parts is concatenated once into the peer cache)."""
-    if len(parts) == 1:
-        return parts[0]
-    import shutil
-
-    joined = out_dir / (parts[0].parent.parent.name + ".gguf")
-    if not joined.exists():
-        tmp = joined.with_suffix(".partial")
-        with tmp.open("wb") as dst:
-            for p in parts:
-                with p.open("rb") as src:
-                    shutil.copyfileobj(src, dst, 16 << 20)
-        tmp.replace(joined)
-    return joined
-
-
 def _quantized(src: Path, kind: str, out_dir: Path) -> Path:
     import llama_cpp
 
@@ -120,14 +103,14 @@ class PeerDecoder:
 
 def llama_cpp_peers(model: str, types: list[str], threads: int, eos: frozenset[int], n_ctx: int = 4096) -> list[PeerDecoder]:
     """Decoders for the bundled model's GGUF at the given types ('own' is the file's own type)."""
-    from engine.load import cache_dir, gguf_source
+    from engine.load import cache_dir, gguf_source, joined_gguf
 
     parts = gguf_source(model)
     if parts is None:
         raise ValueError(f"--peer llama.cpp needs a bundled GGUF model, not {model!r}")
     out_dir = cache_dir() / "peer"
     out_dir.mkdir(parents=True, exist_ok=True)
-    src = _joined(parts, out_dir)
+    src = joined_gguf(parts, out_dir / (parts[0].parent.parent.name + ".gguf"))
     own = _gguf_type(src)
     peers = []
     for t in types:
