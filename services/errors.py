@@ -288,9 +288,9 @@ async def _http_exception_handler(request: Request, exc: Exception) -> JSONRespo
     return err.response()
 
 
-class CatchAllMiddleware:
-    """Pure ASGI: an exception nothing else handled becomes a logged 500 in the envelope (if the response
-    has not started), and the server keeps serving. Starlette's own `Exception` handler would re-raise."""
+class _HttpMiddleware:
+    """Pure ASGI middleware that acts on HTTP requests only: other scopes (lifespan, websocket) go to the
+    wrapped app untouched; subclasses handle an HTTP request in `_http`."""
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
@@ -299,6 +299,17 @@ class CatchAllMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        await self._http(scope, receive, send)
+
+    async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
+        raise NotImplementedError
+
+
+class CatchAllMiddleware(_HttpMiddleware):
+    """Pure ASGI: an exception nothing else handled becomes a logged 500 in the envelope (if the response
+    has not started), and the server keeps serving. Starlette's own `Exception` handler would re-raise."""
+
+    async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
         started = False
 
         async def _send(message: Message) -> None:
@@ -319,20 +330,14 @@ class CatchAllMiddleware:
             await mapped.response()(scope, receive, send)
 
 
-class ReceiveGuardMiddleware:
+class ReceiveGuardMiddleware(_HttpMiddleware):
     """Pure ASGI, outermost in the gateway: a `receive()` that raises instead of returning a message means the
     request's other end is gone (Serve's proxy cancels its call when the client disconnects, and the
     replica's receive then raises Ray's `TaskCancelledError`). It becomes the `http.disconnect` the ASGI spec
     defines for that, so a client that left mid-body is a 499 (`ClientClosed`) and a cut stream stops
     quietly, instead of an unhandled error logged with a traceback and counted as a 500."""
 
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
+    async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
         gone = False
 
         async def _receive() -> Message:
@@ -391,19 +396,13 @@ async def _send_error(send: Send, err: ServiceError, extra_headers: list[tuple[b
     await send({"type": "http.response.body", "body": body})
 
 
-class EnvelopeMiddleware:
+class EnvelopeMiddleware(_HttpMiddleware):
     """Pure ASGI, outermost in Serve's HTTP proxy: an error response that is not JSON (the proxy's own
     plain-text 404/408/500/503, back-pressure at the gateway) is re-sent in the OpenAI envelope with its
     status and headers (Retry-After) kept; the gateway's JSON passes through untouched. A request that no
     one answered (the gateway replica died under it) gets a 503 envelope instead of uvicorn's bare 500."""
 
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
+    async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
         started = False
         held: Message | None = None
         body = bytearray()
