@@ -4,13 +4,11 @@
 from __future__ import annotations
 
 import asyncio
-import threading
 import time
 
 import httpx
 import openai
 import pytest
-import uvicorn
 
 from router.route import routing_text
 from services.backend import BackendChunk, BackendRequest, RouteInfo, Usage
@@ -18,9 +16,9 @@ from services.config import AppConfig, HttpConfig, LimitsConfig
 from services.gateway import build_gateway_app
 from services.limits import RateLimiter
 from services.metrics import ServiceMetrics
-from router.redis_server import free_port
 from services.tenants import TenantStore
 from services.usage import UsageStore
+from tests.netutil import uvicorn_thread
 from tests.timing import Window, with_growing_window
 
 MODEL = "smollm2"
@@ -63,17 +61,8 @@ def server(redis_url, redis_prefix):
     backend = EchoBackend()
     limiter = RateLimiter(rc, redis_prefix, window_s=1.0)
     app = build_gateway_app(backend, store, limiter, UsageStore(rc, redis_prefix), ServiceMetrics(), config)
-    port = free_port()
-    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="off"))
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 10
-    while not srv.started:
-        assert time.monotonic() < deadline and thread.is_alive(), "uvicorn did not start"
-        time.sleep(0.02)
-    yield f"http://127.0.0.1:{port}", key, tight_key, backend, store, limiter
-    srv.should_exit = True
-    thread.join(timeout=10)
+    with uvicorn_thread(app) as port:
+        yield f"http://127.0.0.1:{port}", key, tight_key, backend, store, limiter
     rc.close()
 
 

@@ -8,13 +8,12 @@ a fake backend, tenants managed by the real `knnssd tenants` CLI.
 
 from __future__ import annotations
 
-import threading
 import time
+from contextlib import ExitStack
 
 import httpx
 import pytest
 import redis
-import uvicorn
 from typer.testing import CliRunner
 
 from services.backend import BackendChunk, BackendRequest, RouteInfo, Usage
@@ -22,10 +21,11 @@ from services.config import AppConfig, LimitsConfig
 from services.gateway import build_gateway_app
 from services.limits import RateLimiter
 from services.metrics import ServiceMetrics
-from router.redis_server import free_port, start_redis_server
+from router.redis_server import start_redis_server
 from services.tenants import TenantStore
 from deploy.tenants_cli import tenants_app
 from services.usage import UsageStore
+from tests.netutil import uvicorn_thread
 
 MODEL = "smollm2"
 BODY = {"model": MODEL, "prompt": "two words", "max_tokens": 4}
@@ -49,15 +49,8 @@ class Gateway:
         self.store = TenantStore(self.client, prefix=prefix, cache_s=cache_s).watch()
         app = build_gateway_app(FakeBackend(), self.store, RateLimiter(self.client, prefix, window_s=60.0),
                                 UsageStore(self.client, prefix), ServiceMetrics(), self.config)
-        self.port = free_port()
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning",
-                                                    lifespan="off"))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-        self.thread.start()
-        deadline = time.monotonic() + 10
-        while not self.server.started:
-            assert time.monotonic() < deadline and self.thread.is_alive(), "uvicorn did not start"
-            time.sleep(0.02)
+        self._serving = ExitStack()
+        self.port = self._serving.enter_context(uvicorn_thread(app))
         self.url = f"http://127.0.0.1:{self.port}"
 
     def post(self, key: str) -> httpx.Response:
@@ -65,8 +58,7 @@ class Gateway:
                           timeout=10)
 
     def close(self) -> None:
-        self.server.should_exit = True
-        self.thread.join(timeout=10)
+        self._serving.close()
         self.store.close()
         self.client.close()
 

@@ -9,11 +9,8 @@ import asyncio
 import json
 import pickle
 import socket
-import threading
-import time
 
 import pytest
-import uvicorn
 from fastapi.testclient import TestClient
 
 from engine.config import DraftConfig
@@ -26,8 +23,8 @@ from services.errors import (
 )
 from services.gateway import build_gateway_app, check_json_values
 from services.metrics import HttpMetricsMiddleware, ServiceMetrics
-from router.redis_server import free_port
 from services.tenants import Tenant, TenantStore
+from tests.netutil import uvicorn_thread
 
 
 class BackPressureError(Exception):
@@ -108,14 +105,7 @@ def test_uvicorns_own_400s_carry_the_envelope(http):
         await send({"type": "http.response.start", "status": 200, "headers": []})
         await send({"type": "http.response.body", "body": b"ok"})
 
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, http=http, log_level="critical",
-                                           lifespan="off"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    while not server.started:
-        time.sleep(0.02)
-    try:
+    with uvicorn_thread(app, http=http, log_level="critical") as port:
         with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
             s.sendall(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: abc\r\n\r\n{}")
             data = b""
@@ -124,9 +114,6 @@ def test_uvicorns_own_400s_carry_the_envelope(http):
         head, _, body = data.partition(b"\r\n\r\n")
         assert head.startswith(b"HTTP/1.1 400") and b"content-type: application/json" in head.lower()
         assert json.loads(body)["error"]["code"] == "invalid_http"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
 
 
 def test_a_client_that_leaves_is_counted_as_499_not_500():

@@ -8,15 +8,13 @@ from __future__ import annotations
 
 import json
 import socket
-import threading
 import time
 
 import pytest
-import uvicorn
 
-from router.redis_server import free_port
 from services import header_timeout
 from services.header_timeout import HEADER_TIMEOUT_ENV, patch_uvicorn_header_timeout
+from tests.netutil import uvicorn_thread
 
 DEADLINE_S = 0.6
 
@@ -46,18 +44,8 @@ def patched(monkeypatch):
 
 @pytest.fixture(params=["httptools", "h11"])
 def server(request, patched):
-    port = free_port()
-    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, http=request.param, log_level="warning",
-                                        lifespan="off", timeout_keep_alive=30))
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 10
-    while not srv.started:
-        assert time.monotonic() < deadline and thread.is_alive(), "uvicorn did not start"
-        time.sleep(0.02)
-    yield port
-    srv.should_exit = True
-    thread.join(timeout=10)
+    with uvicorn_thread(app, http=request.param, timeout_keep_alive=30) as port:
+        yield port
 
 
 def closed_after(sock: socket.socket, limit_s: float) -> tuple[float, bytes]:

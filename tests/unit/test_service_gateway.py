@@ -13,8 +13,7 @@ from services.config import AppConfig, GenerationConfig, HttpConfig
 from services.gateway import build_gateway_app
 from services.metrics import ServiceMetrics
 from services.tenants import Tenant, TenantStore
-
-MODEL = "smollm2"
+from tests.fake_backend import MODEL, RecordingBackend
 
 
 class TooLong(ValueError):
@@ -29,16 +28,10 @@ class BackPressureError(Exception):
     """Named like Ray Serve's: the gateway maps it to 503 without importing Ray."""
 
 
-class FakeBackend:
+class FakeBackend(RecordingBackend):
     """Replies with the words of REPLY one token at a time; magic prompts raise the errors under test."""
 
     REPLY = "Hello there from the fake model ."
-
-    def __init__(self) -> None:
-        self.requests: list[BackendRequest] = []
-
-    def models(self) -> list[str]:
-        return [MODEL]
 
     async def stream(self, req: BackendRequest):
         self.requests.append(req)

@@ -5,32 +5,23 @@ model work; and the official `openai` client (it sends `application/json`) still
 from __future__ import annotations
 
 import json
-import threading
-import time
 
 import openai
 import pytest
-import uvicorn
 from fastapi.testclient import TestClient
 
-from router.redis_server import free_port
 from services.backend import BackendChunk, BackendRequest, RouteInfo, Usage
 from services.config import AppConfig
 from services.gateway import build_gateway_app
 from services.metrics import ServiceMetrics
 from services.tenants import Tenant, TenantStore
+from tests.fake_backend import MODEL, RecordingBackend
+from tests.netutil import uvicorn_thread
 
-MODEL = "smollm2"
 BODY = json.dumps({"model": MODEL, "prompt": "x", "max_tokens": 2}).encode()
 
 
-class OkBackend:
-    def __init__(self) -> None:
-        self.requests: list[BackendRequest] = []
-
-    def models(self) -> list[str]:
-        return [MODEL]
-
+class OkBackend(RecordingBackend):
     async def stream(self, req: BackendRequest):
         self.requests.append(req)
         yield BackendChunk(text="ok", tokens=1, usage=Usage(1, 1), finish_reason="stop", route=RouteInfo(config_id="plain"),
@@ -133,16 +124,8 @@ def test_415_is_in_the_openapi_document(gateway):
 def test_the_official_openai_client_is_served_by_the_strict_server(gateway):
     """Real HTTP, the unchanged client: it declares application/json, so nothing it sends is refused."""
     app, backend, _, key = gateway
-    port = free_port()
-    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="off"))
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 10
-    while not srv.started:
-        assert time.monotonic() < deadline and thread.is_alive(), "uvicorn did not start"
-        time.sleep(0.02)
-    client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=key, max_retries=0, timeout=10)
-    try:
+    with uvicorn_thread(app) as port, openai.OpenAI(
+            base_url=f"http://127.0.0.1:{port}/v1", api_key=key, max_retries=0, timeout=10) as client:
         assert client.completions.create(model=MODEL, prompt="x", max_tokens=2).choices[0].text == "ok"
         chat = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "x"}],
                                               max_tokens=2, extra_body={"speculative": False})
@@ -150,7 +133,3 @@ def test_the_official_openai_client_is_served_by_the_strict_server(gateway):
         streamed = list(client.completions.create(model=MODEL, prompt="x", max_tokens=2, stream=True))
         assert "".join(c.choices[0].text for c in streamed if c.choices) == "ok"
         assert len(backend.requests) == 3
-    finally:
-        client.close()
-        srv.should_exit = True
-        thread.join(timeout=10)
