@@ -6,11 +6,12 @@ from pathlib import Path
 
 import pytest
 import yaml
-from pydantic import BaseModel, ValidationError
+from pydantic import ValidationError
 from typer.testing import CliRunner
 
 from deploy import k8s
 from deploy.k8s import K8sConfig
+from tests.models import nested_models, undescribed_fields
 
 
 def _flatten(node, prefix=()) -> dict[tuple, object]:
@@ -110,25 +111,14 @@ def test_a_cpu_only_cluster_is_a_valid_config():
     assert "nvidia.com/gpu" not in worker["template"]["spec"]["containers"][0]["resources"]["limits"]
 
 
-def _models(cls: type[BaseModel], seen: set) -> None:
-    if cls in seen:
-        return
-    seen.add(cls)
-    for f in cls.model_fields.values():
-        for t in (f.annotation, *getattr(f.annotation, "__args__", ())):
-            if isinstance(t, type) and issubclass(t, BaseModel):
-                _models(t, seen)
-
-
 def test_every_config_field_has_a_description():
     from deploy import k8s_models
 
     seen: set = set()
-    _models(K8sConfig, seen)
+    nested_models(K8sConfig, seen)
     for model in k8s_models.CUSTOM_KINDS.values():
-        _models(model, seen)
-    missing = [f"{m.__name__}.{n}" for m in seen for n, f in m.model_fields.items() if not f.description]
-    assert missing == []
+        nested_models(model, seen)
+    assert undescribed_fields(seen) == []
 
 
 def test_cli_renders_a_config_file_and_keeps_an_existing_tenants_file(tmp_path):

@@ -3,28 +3,18 @@
 from __future__ import annotations
 
 import pytest
-from pydantic import BaseModel, ValidationError
+from pydantic import ValidationError
 
 from services import config as cfgmod
 from services.config import AppConfig
-
-
-def _models(cls: type[BaseModel], seen: set) -> None:
-    if cls in seen:
-        return
-    seen.add(cls)
-    for f in cls.model_fields.values():
-        for t in (f.annotation, *getattr(f.annotation, "__args__", ())):
-            if isinstance(t, type) and issubclass(t, BaseModel):
-                _models(t, seen)
+from tests.models import nested_models, undescribed_fields
 
 
 def test_every_field_has_a_description():
     seen: set = set()
-    _models(AppConfig, seen)
+    nested_models(AppConfig, seen)
     assert {cfgmod.DeploymentSettings, cfgmod.AutoscalingSettings, cfgmod.RayActorOptions, cfgmod.LimitsConfig} <= seen
-    missing = [f"{m.__name__}.{n}" for m in seen for n, f in m.model_fields.items() if not f.description]
-    assert missing == []
+    assert undescribed_fields(seen) == []
 
 
 def test_from_yaml(tmp_path):
