@@ -88,6 +88,13 @@ def write_version(root: Path, centroids, generation: int, threshold: float = 0.3
     return m.version, vdir
 
 
+def write_and_publish(root: Path, centroids, generation: int, url: str, prefix: str) -> str:
+    """`write_version`, then published in Redis (as the index job does); the version."""
+    version, vdir = write_version(root, centroids, generation)
+    publish_version(url, version, vdir, prefix=prefix)
+    return version
+
+
 def make_router(embedder, url: str, prefix: str, root: Path, **overrides) -> Router:
     kw = dict(
         redis_url=url, key_prefix=prefix, index_root=str(root), poll_interval_s=0.2, cache_ttl_s=60,
@@ -112,8 +119,7 @@ def root(tmp_path):
 
 
 def test_cache_miss_then_hit(embedder, centroids, redis_url, redis_prefix, root):
-    v1, vdir = write_version(root, centroids, 1)
-    publish_version(redis_url, v1, vdir, prefix=redis_prefix)
+    v1 = write_and_publish(root, centroids, 1, redis_url, redis_prefix)
     router = make_router(embedder, redis_url, redis_prefix, root)
     try:
         d1 = router.route(CODE_PROMPT, tenant="acme")
@@ -171,8 +177,7 @@ def test_ttl_expiry(embedder, centroids, redis_url, redis_prefix, root):
 
 
 def test_version_bump_hot_reloads_without_restart(embedder, centroids, redis_url, redis_prefix, root):
-    v1, vdir1 = write_version(root, centroids, 1)
-    publish_version(redis_url, v1, vdir1, prefix=redis_prefix)
+    v1 = write_and_publish(root, centroids, 1, redis_url, redis_prefix)
     router = make_router(embedder, redis_url, redis_prefix, root, poll_interval_s=3600.0)  # pub/sub must do it
     try:
         assert router.route(CODE_PROMPT).config == cfg_v(1)
@@ -196,12 +201,10 @@ def test_version_bump_hot_reloads_without_restart(embedder, centroids, redis_url
 
 
 def test_version_bump_by_polling_without_pubsub(embedder, centroids, redis_url, redis_prefix, root):
-    v1, vdir1 = write_version(root, centroids, 1)
-    publish_version(redis_url, v1, vdir1, prefix=redis_prefix)
+    v1 = write_and_publish(root, centroids, 1, redis_url, redis_prefix)
     router = make_router(embedder, redis_url, redis_prefix, root, use_pubsub=False, poll_interval_s=0.1)
     try:
-        v2, vdir2 = write_version(root, centroids, 2)
-        publish_version(redis_url, v2, vdir2, prefix=redis_prefix)
+        v2 = write_and_publish(root, centroids, 2, redis_url, redis_prefix)
         assert wait_for(lambda: router.source.current().version == v2, timeout=3.0)
     finally:
         router.close()
@@ -221,8 +224,7 @@ class GatedEmbedder:
 
 
 def test_in_flight_request_keeps_its_version(embedder, centroids, redis_url, redis_prefix, root):
-    v1, vdir1 = write_version(root, centroids, 1)
-    publish_version(redis_url, v1, vdir1, prefix=redis_prefix)
+    v1 = write_and_publish(root, centroids, 1, redis_url, redis_prefix)
     gated = GatedEmbedder(embedder)
     router = make_router(gated, redis_url, redis_prefix, root)
     router.source.stop()  # reload by hand below, for a deterministic interleaving
@@ -231,8 +233,7 @@ def test_in_flight_request_keeps_its_version(embedder, centroids, redis_url, red
         t = threading.Thread(target=lambda: out.setdefault("d", router.route(CODE_PROMPT)))
         t.start()
         assert gated.entered.wait(10)
-        v2, vdir2 = write_version(root, centroids, 2)
-        publish_version(redis_url, v2, vdir2, prefix=redis_prefix)
+        v2 = write_and_publish(root, centroids, 2, redis_url, redis_prefix)
         assert router.source.check_now()
         gated.release.set()
         t.join(10)
@@ -246,8 +247,7 @@ def test_in_flight_request_keeps_its_version(embedder, centroids, redis_url, red
 
 @pytest.mark.parametrize("bad", [b"{not json", b'{"domain": "code"}', b"\xff\xfe", "wrongtype"])
 def test_malformed_cached_value_is_ignored_and_overwritten(embedder, centroids, redis_url, redis_prefix, root, bad):
-    v1, vdir1 = write_version(root, centroids, 1)
-    publish_version(redis_url, v1, vdir1, prefix=redis_prefix)
+    v1 = write_and_publish(root, centroids, 1, redis_url, redis_prefix)
     router = make_router(embedder, redis_url, redis_prefix, root)
     r = redis.Redis.from_url(redis_url)
     key = f"{redis_prefix}knnssd:route:{v1}:default:{prompt_hash(CODE_PROMPT)}"
@@ -266,8 +266,7 @@ def test_malformed_cached_value_is_ignored_and_overwritten(embedder, centroids, 
 
 
 def test_cached_value_from_another_version_is_rejected(embedder, centroids, redis_url, redis_prefix, root):
-    v1, vdir1 = write_version(root, centroids, 1)
-    publish_version(redis_url, v1, vdir1, prefix=redis_prefix)
+    v1 = write_and_publish(root, centroids, 1, redis_url, redis_prefix)
     router = make_router(embedder, redis_url, redis_prefix, root)
     try:
         d = router.route(CODE_PROMPT)
@@ -280,8 +279,7 @@ def test_cached_value_from_another_version_is_rejected(embedder, centroids, redi
 
 
 def test_bad_published_version_keeps_serving_the_old_one(embedder, centroids, redis_url, redis_prefix, root):
-    v1, vdir1 = write_version(root, centroids, 1)
-    publish_version(redis_url, v1, vdir1, prefix=redis_prefix)
+    v1 = write_and_publish(root, centroids, 1, redis_url, redis_prefix)
     router = make_router(embedder, redis_url, redis_prefix, root)
     router.source.stop()
     try:
@@ -296,8 +294,7 @@ def test_bad_published_version_keeps_serving_the_old_one(embedder, centroids, re
 
 def test_tenant_pinned_to_old_version(embedder, centroids, redis_url, redis_prefix, root):
     v1, _ = write_version(root, centroids, 1)
-    v2, vdir2 = write_version(root, centroids, 2)
-    publish_version(redis_url, v2, vdir2, prefix=redis_prefix)
+    v2 = write_and_publish(root, centroids, 2, redis_url, redis_prefix)
     router = make_router(embedder, redis_url, redis_prefix, root)
     try:
         router.source.pin("legacy", v1)
@@ -315,8 +312,7 @@ def test_redis_killed_mid_run_then_restarted(embedder, centroids, root):
 
     url, proc = start_redis_server()
     port = int(url.rsplit(":", 1)[1].split("/")[0])
-    v1, vdir1 = write_version(root, centroids, 1)
-    publish_version(url, v1, vdir1)
+    v1 = write_and_publish(root, centroids, 1, url, "")
     router = make_router(embedder, url, "", root)
     proc2 = None
     try:
@@ -353,8 +349,7 @@ def test_redis_killed_mid_run_then_restarted(embedder, centroids, root):
         assert router.source.current().version == v1
 
         # The reloader's pub/sub resubscribes too: a bump after the restart is picked up.
-        v2, vdir2 = write_version(root, centroids, 2)
-        publish_version(url, v2, vdir2)
+        v2 = write_and_publish(root, centroids, 2, url, "")
         assert wait_for(lambda: router.source.current().version == v2, timeout=5.0)
     finally:
         router.close()
