@@ -73,6 +73,27 @@ def accepts(ip: str, port: int) -> bool:
         return False
 
 
+def assert_all_gone(seen: dict[int, str], ports: set[tuple[str, int]], wait_s: float = 15.0) -> None:
+    """After a SIGTERM: every process of `seen` exits within `wait_s` and none of `ports` accepts any more."""
+    deadline = time.monotonic() + wait_s
+    while (left := alive(seen)) and time.monotonic() < deadline:
+        time.sleep(0.3)
+    assert not left, f"still running after SIGTERM: {left}"
+    assert not [p for p in ports if accepts(*p)], "ports still open"
+
+
+def kill_leftovers(proc: subprocess.Popen, seen: dict[int, str]) -> None:
+    """Never leave strays behind for the rest of the suite: the serve process group, then what is left of `seen`."""
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    for pid in alive(seen):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
 def test_sigterm_stops_knnssd_serve_cleanly_and_its_redis_keeps_tenants(tmp_path):
     from engine.load import cache_dir, resolve_model_dir
     from services.tenants import TenantStore
@@ -130,21 +151,10 @@ def test_sigterm_stops_knnssd_serve_cleanly_and_its_redis_keeps_tenants(tmp_path
         tail = out[out.rindex("Ctrl-C stops it"):]
         assert code == 0, tail[-3000:]
         assert "shutting down" in tail and "stopped." in tail and "SIGTERM received" not in tail, tail[-3000:]
-        deadline = time.monotonic() + 15
-        while (left := alive(seen)) and time.monotonic() < deadline:
-            time.sleep(0.3)
-        assert not left, f"still running after SIGTERM: {left}"
-        assert not [p for p in ports if accepts(*p)], "ports still open"
+        assert_all_gone(seen, ports)
         print(f"\nSIGTERM: stopped in {took:.1f} s, {len(seen)} processes and {len(ports)} ports gone")
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-        for pid in alive(seen):  # never leave strays behind for the rest of the suite
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        kill_leftovers(proc, seen)
 
 
 def test_sigterm_to_the_whole_process_group_stops_it_cleanly_too(tmp_path, redis_url):
@@ -171,22 +181,11 @@ def test_sigterm_to_the_whole_process_group_stops_it_cleanly_too(tmp_path, redis
         took = time.monotonic() - t0
         tail = log.read_text().split("Ctrl-C stops it", 1)[1]
         assert code == 0 and "stopped." in tail and "SIGTERM received" not in tail, tail[-3000:]
-        deadline = time.monotonic() + 15
-        while (left := alive(seen)) and time.monotonic() < deadline:
-            time.sleep(0.3)
-        assert not left, f"still running after SIGTERM: {left}"
-        assert not [p for p in ports if accepts(*p)], "ports still open"
+        assert_all_gone(seen, ports)
         print(f"\nSIGTERM to the group: stopped in {took:.1f} s")
         assert took < 25  # not Serve's 30 s controller timeout on top
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-        for pid in alive(seen):
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        kill_leftovers(proc, seen)
         client = redis.Redis.from_url(redis_url)
         keys = list(client.scan_iter(match=prefix[: -len("knnssd:")] + "*"))
         if keys:
