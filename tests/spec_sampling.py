@@ -13,6 +13,7 @@ sampled request at a fixed token after the prompt, since its first token is itse
 from __future__ import annotations
 
 from collections import Counter
+from dataclasses import dataclass
 
 import torch
 from scipy.stats import chisquare, ncx2
@@ -99,6 +100,33 @@ def chi2(counts: Counter, probs: torch.Tensor, min_expected: float = 5.0) -> tup
     if len(obs) < 2:
         return 1.0, 0
     return float(chisquare(obs, exp).pvalue), len(obs) - 1
+
+
+@dataclass(frozen=True)
+class TwoTokenFit:
+    """How sampled pairs (x1, x2) fit the target: x1 against p1 = p(. | context), and x2, over the samples
+    whose x1 was the most frequent one (`mode`), against p2 = p(. | context, mode); pv/df from `chi2`."""
+
+    c1: Counter
+    p1: torch.Tensor
+    mode: int
+    c2: Counter
+    p2: torch.Tensor
+    pv1: float
+    df1: int
+    pv2: float
+    df2: int
+
+
+def fit_two_tokens(model: LeanModel, context: list[int], params: SamplingParams, outs: list[list[int]]) -> TwoTokenFit:
+    """The chi-square fits of the first two tokens each sample committed after `context` (`sample_after`)."""
+    p1 = exact_next(model, context, params)
+    c1 = Counter(o[0] for o in outs)
+    mode = c1.most_common(1)[0][0]
+    p2 = exact_next(model, context + [mode], params)
+    c2 = Counter(o[1] for o in outs if o[0] == mode)
+    (pv1, df1), (pv2, df2) = chi2(c1, p1), chi2(c2, p2)
+    return TwoTokenFit(c1, p1, mode, c2, p2, pv1, df1, pv2, df2)
 
 
 def power(n: int, effect: float, df: int, alpha: float) -> float:

@@ -24,15 +24,13 @@ and this test kills. About 15 s per (context, temperature) on 2 cores.
 
 from __future__ import annotations
 
-from collections import Counter
-
 import pytest
 import torch
 
 from engine.config import SamplingParams
 from engine.draft import lookup_ngram
 from engine.named_configs import ABLATION_CONFIGS
-from tests.spec_sampling import chi2, exact_next, power, sample_after
+from tests.spec_sampling import chi2, fit_two_tokens, power, sample_after
 
 pytestmark = pytest.mark.slow
 
@@ -72,23 +70,18 @@ def test_shipped_config_sampling_keeps_the_target_distribution(smollm2, where, t
     else:
         assert rate > 0.9  # the committed token is mostly the draft's own sample
 
-    p1 = exact_next(lean, context, params)
-    c1 = Counter(o[0] for o in outs)
-    mode = c1.most_common(1)[0][0]
-    p2 = exact_next(lean, context + [mode], params)
-    c2 = Counter(o[1] for o in outs if o[0] == mode)
-    (pv1, df1), (pv2, df2) = chi2(c1, p1), chi2(c2, p2)
-    print(f"\n{where} T={temperature}: acceptance {rate:.2f}; x1 p={pv1:.3g} (df {df1}); "
-          f"x2 | x1={mode}: p={pv2:.3g} (df {df2}, n {sum(c2.values())})")
+    fit = fit_two_tokens(lean, context, params, outs)
+    print(f"\n{where} T={temperature}: acceptance {rate:.2f}; x1 p={fit.pv1:.3g} (df {fit.df1}); "
+          f"x2 | x1={fit.mode}: p={fit.pv2:.3g} (df {fit.df2}, n {sum(fit.c2.values())})")
     # x2 is tested on the requests whose x1 was the mode (a sixth to a third of them here, by precision and
     # temperature): less power than x1's test, which the stated power is about
-    assert sum(c2.values()) >= N // 8 and df1 >= 1
-    assert pv1 > ALPHA, ("x1", c1.most_common(8), p1.topk(8))
-    assert pv2 > ALPHA, ("x2", c2.most_common(8), p2.topk(8))
+    assert sum(fit.c2.values()) >= N // 8 and fit.df1 >= 1
+    assert fit.pv1 > ALPHA, ("x1", fit.c1.most_common(8), fit.p1.topk(8))
+    assert fit.pv2 > ALPHA, ("x2", fit.c2.most_common(8), fit.p2.topk(8))
     if where == "lookup":
         # power on the data: the distribution an uncorrected copy would give (accept d w.p. p(d), else
         # resample from p itself) is rejected by these counts
         d = int(copied[0])
-        wrong = p1 * (1 - p1[d])
-        wrong[d] += p1[d]
-        assert chi2(c1, wrong)[0] < 1e-6
+        wrong = fit.p1 * (1 - fit.p1[d])
+        wrong[d] += fit.p1[d]
+        assert chi2(fit.c1, wrong)[0] < 1e-6

@@ -13,15 +13,13 @@ give) at 1e-6.
 
 from __future__ import annotations
 
-from collections import Counter
-
 import pytest
 import torch
 
 from engine.config import DraftConfig, SamplingParams
 from engine.lean import Segment
 from engine.sampling import probs_for
-from tests.spec_sampling import chi2, exact_next, power, sample_after
+from tests.spec_sampling import chi2, fit_two_tokens, power, sample_after
 from tests.tiny import tiny_engine
 
 N = 2000
@@ -59,15 +57,11 @@ def _check(lean, context, draft, wrong):
     outs, stats = sample_after(lean, context, PARAMS, draft, N)
     assert stats["drafted"] == N  # every request drafted at its first step (limit 1: max_new_tokens=2)
     assert 0.2 * N < stats["accepted"] < N  # both the accept and the reject path ran often
-    p1 = exact_next(lean, context, PARAMS)
-    c1 = Counter(o[0] for o in outs)
-    mode = c1.most_common(1)[0][0]
-    p2 = exact_next(lean, context + [mode], PARAMS)
-    c2 = Counter(o[1] for o in outs if o[0] == mode)
-    (pv1, df1), (pv2, df2) = chi2(c1, p1), chi2(c2, p2)
-    print(f"\nx1: p={pv1:.3g} (df {df1}); x2 | x1={mode}: p={pv2:.3g} (df {df2}, n {sum(c2.values())}); {stats}")
-    assert pv1 > ALPHA and pv2 > ALPHA
-    assert chi2(c1, wrong(p1))[0] < 1e-6
+    fit = fit_two_tokens(lean, context, PARAMS, outs)
+    print(f"\nx1: p={fit.pv1:.3g} (df {fit.df1}); x2 | x1={fit.mode}: p={fit.pv2:.3g} (df {fit.df2}, "
+          f"n {sum(fit.c2.values())}); {stats}")
+    assert fit.pv1 > ALPHA and fit.pv2 > ALPHA
+    assert chi2(fit.c1, wrong(fit.p1))[0] < 1e-6
 
 
 def test_model_draft_sampling_keeps_the_target_distribution(lean):
