@@ -10,8 +10,8 @@ computes with). Nothing is requantised: a 4-bit block stays 4-bit.
     Q4_K        Q4 (nibbles)    32      (d * sc) * q - (dmin * mn)     (per 32-wide sub-block)
     Q4_0        Q4 (nibbles)    32      d * q - 8d                     (= d * (q - 8), exact)
     Q8_0        Q8 (int8)       32      d * q
-    Q5_0        Q8 (int8)       32      d * (q - 16)
-    Q5_1        Q8 (int8)       32      d * q + m
+    Q5_0        Q5 (5-bit)      32      d * (q - 16)                   (nibbles as Q4, then the 32 high bits)
+    Q5_1        Q8 (int8)       32      d * q + m                      (rare: int8 codes suffice)
     Q6_K        Q8 (int8)       16      (d * sc) * (q - 32)
     F32/F16/BF16  F32           -       the value
 
@@ -32,16 +32,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
-FMT_Q4, FMT_Q8, FMT_F32 = 0, 1, 2
+FMT_Q4, FMT_Q8, FMT_F32, FMT_Q5 = 0, 1, 2, 3
 CACHE_FILE = "native.safetensors"
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: Q5_0 kept as 5-bit codes (was int8)
 
 
 @dataclass
 class Packed:
     """One weight matrix [n, k] in a kernel format (see the module docstring)."""
 
-    codes: torch.Tensor  # Q4: uint8 [n, k/2]; Q8: int8 [n, k]; F32: float32 [n, k]
+    codes: torch.Tensor  # Q4: uint8 [n, k/2]; Q5: uint8 [n, k/32*20]; Q8: int8 [n, k]; F32: float32 [n, k]
     scales: torch.Tensor  # float32 [n, k/group] (empty for F32)
     mins: torch.Tensor  # float32 [n, k/32] or empty
     fmt: int
@@ -51,7 +51,8 @@ class Packed:
     @property
     def shape(self) -> tuple[int, int]:
         n = self.codes.shape[0]
-        return n, self.codes.shape[1] * (2 if self.fmt == FMT_Q4 else 1)
+        width = self.codes.shape[1]
+        return n, width * 2 if self.fmt == FMT_Q4 else width // 20 * 32 if self.fmt == FMT_Q5 else width
 
     def rows(self, idx: torch.Tensor) -> Packed:
         """A row subset (a permutation of q/k heads, a vocabulary prefix); blocks run along k, so whole
@@ -67,6 +68,12 @@ class Packed:
         if self.fmt == FMT_Q4:
             c = self.codes.view(n, k // 32, 16)
             q = torch.cat([c & 15, c >> 4], dim=-1).float()  # [n, k/32, 32]
+        elif self.fmt == FMT_Q5:
+            c = self.codes.view(n, k // 32, 20)
+            nib = torch.cat([c[..., :16] & 15, c[..., :16] >> 4], dim=-1).int()
+            high = c[..., 16:].int()  # 4 bytes, little-endian: byte j // 8, bit j % 8 for element j
+            bit = (high.repeat_interleave(8, dim=-1) >> torch.arange(8).repeat(4)) & 1
+            q = (nib | (bit << 4)).float() - 16.0
         else:
             q = self.codes.view(n, k // self.group, self.group).float()
         w = self.scales.view(n, -1, 1) * q.view(n, self.scales.shape[1], -1)
@@ -132,17 +139,16 @@ def pack_blocks(ttype: str, raw: np.ndarray, n: int, k: int) -> Packed:
         b = blocks.reshape(n, k // 32, 34)
         return Packed(_t(b[..., 2:].view(np.int8).reshape(n, k)), _t(_f16(b[..., 0:2]).reshape(n, k // 32)), _empty(),
                       FMT_Q8, 32, ttype)
-    if ttype in ("Q5_0", "Q5_1"):
-        size = 22 if ttype == "Q5_0" else 24
-        b = blocks.reshape(n * (k // 32), size)
-        d = _f16(b[:, 0:2]).reshape(n, k // 32)
-        off = 2 if ttype == "Q5_0" else 4
-        qh = np.ascontiguousarray(b[:, off : off + 4]).view(np.uint32).reshape(-1, 1) >> np.arange(32, dtype=np.uint32)
-        qs = b[:, off + 4 :].reshape(-1, 1, 16) >> np.array([0, 4], dtype=np.uint8).reshape(1, 2, 1)
+    if ttype == "Q5_0":  # the block's bytes reordered: 16 bytes of nibbles (Q4_1's order), then qh
+        b = blocks.reshape(n * (k // 32), 22)
+        codes = np.concatenate([b[:, 6:], b[:, 2:6]], axis=1).reshape(n, k // 32 * 20)
+        return Packed(_t(codes), _t(_f16(b[:, 0:2]).reshape(n, k // 32)), _empty(), FMT_Q5, 32, ttype)
+    if ttype == "Q5_1":
+        b = blocks.reshape(n * (k // 32), 24)
+        qh = np.ascontiguousarray(b[:, 4:8]).view(np.uint32).reshape(-1, 1) >> np.arange(32, dtype=np.uint32)
+        qs = b[:, 8:].reshape(-1, 1, 16) >> np.array([0, 4], dtype=np.uint8).reshape(1, 2, 1)
         q = ((qs & 0x0F).reshape(-1, 32) | (((qh & 1).astype(np.uint8)) << 4)).astype(np.int8)
-        if ttype == "Q5_0":
-            return Packed(_t((q - np.int8(16)).reshape(n, k)), _t(d), _empty(), FMT_Q8, 32, ttype)
-        m = _f16(b[:, 2:4]).reshape(n, k // 32)
+        d, m = _f16(b[:, 0:2]).reshape(n, k // 32), _f16(b[:, 2:4]).reshape(n, k // 32)
         return Packed(_t(q.reshape(n, k)), _t(d), _t(m), FMT_Q8, 32, ttype)
     if ttype == "Q6_K":
         b = blocks.reshape(n * (k // 256), 210)

@@ -15,6 +15,9 @@
 //            w = scale[n,g] * q + min[n,g]  (GGUF Q4_1 as is; Q4_K's sub-blocks repacked)
 //   FMT_Q8:  int8 codes, group 16 or 32: w = scale[n,g] * q (+ min[n,g])  (Q8_0, Q5_0, Q5_1, Q6_K)
 //   FMT_F32: fp32 weights (F32 / F16 tensors)
+//   FMT_Q5:  5-bit codes, group 32, 20 bytes a block: 16 bytes of nibbles as FMT_Q4, then 32 high bits
+//            (little-endian, bit j for element j): w = scale[n,g] * (q - 16)  (GGUF Q5_0; 0.75 bytes a
+//            weight against int8's 1.125, which is what Qwen2.5's Q4_K_M mostly stores)
 // Activations: ACT_F32 multiplies fp32 activations by the codes; ACT_Q8 first quantises each row's
 // activations per block of 32 to int8 (scale = max|x| / 127, as llama.cpp's Q8 blocks) and multiplies
 // integers (llama.cpp's scheme, ~1.6x faster here, ~5e-3 relative error per product).
@@ -33,7 +36,7 @@
 
 namespace {
 
-constexpr int FMT_Q4 = 0, FMT_Q8 = 1, FMT_F32 = 2;
+constexpr int FMT_Q4 = 0, FMT_Q8 = 1, FMT_F32 = 2, FMT_Q5 = 3;
 constexpr int ACT_F32 = 0, ACT_Q8 = 1;
 
 // ---------------------------------------------------------------------------------------------------
@@ -144,18 +147,50 @@ static inline float dot8(const float* a, const float* b, int64_t n) {
 // ---------------------------------------------------------------------------------------------------
 // Quantised weights.
 
+// One Q5 block (20 bytes) -> its 32 signed codes q - 16 in [-16, 15], in element order. Integers only, so
+// every build gives the same bytes.
+#if !defined(KNNSSD_SCALAR)
+static inline __m256i unpack_q5_reg(const uint8_t* cb) {
+  const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(cb));
+  const __m128i mask = _mm_set1_epi8(0x0F);
+  const __m256i nib = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(v, 4), mask), _mm_and_si128(v, mask));
+  // bit j of qh -> byte j (llama.cpp's bytes_from_bits_32): broadcast, pick byte j/8, test bit j%8
+  uint32_t qh;
+  std::memcpy(&qh, cb + 16, 4);
+  const __m256i shuf = _mm256_set_epi64x(0x0303030303030303, 0x0202020202020202, 0x0101010101010101, 0x0000000000000000);
+  __m256i bits = _mm256_shuffle_epi8(_mm256_set1_epi32((int)qh), shuf);
+  bits = _mm256_cmpeq_epi8(_mm256_or_si256(bits, _mm256_set1_epi64x(0x7fbfdfeff7fbfdfe)), _mm256_set1_epi64x(-1));
+  return _mm256_or_si256(nib, _mm256_and_si256(bits, _mm256_set1_epi8(0x10)));  // q in 0..31, unsigned
+}
+#endif
+
+static inline void unpack_q5(const uint8_t* cb, int8_t* out) {
+#if defined(KNNSSD_SCALAR)
+  uint32_t qh;
+  std::memcpy(&qh, cb + 16, 4);
+  for (int j = 0; j < 16; ++j) {
+    out[j] = (int8_t)(((cb[j] & 15) | (((qh >> j) & 1) << 4)) - 16);
+    out[j + 16] = (int8_t)(((cb[j] >> 4) | (((qh >> (j + 16)) & 1) << 4)) - 16);
+  }
+#else
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(out), _mm256_sub_epi8(unpack_q5_reg(cb), _mm256_set1_epi8(16)));
+#endif
+}
+
 struct QW {
   at::Tensor codes, scales, mins;  // mins: empty when the format has none
   int64_t fmt = FMT_F32, group = 32, n = 0, k = 0;
   QW(at::Tensor c, at::Tensor s, at::Tensor m, int64_t f, int64_t g) : codes(c), scales(s), mins(m), fmt(f), group(g) {
     TORCH_CHECK(c.is_contiguous() && c.dim() == 2, "codes must be a contiguous 2-D tensor");
     n = c.size(0);
-    k = f == FMT_Q4 ? c.size(1) * 2 : c.size(1);
+    k = f == FMT_Q4 ? c.size(1) * 2 : f == FMT_Q5 ? c.size(1) / 20 * 32 : c.size(1);
+    TORCH_CHECK(f != FMT_Q5 || c.size(1) % 20 == 0, "Q5 codes: 20 bytes a block of 32");
     if (f == FMT_F32) {
       TORCH_CHECK(c.scalar_type() == at::kFloat, "F32 weights must be float32");
     } else {
       TORCH_CHECK(k % 32 == 0, "quantised rows must be a multiple of 32 long");
       TORCH_CHECK(g == 32 || (g == 16 && f == FMT_Q8), "group must be 32 (or 16 for int8 codes)");
+      TORCH_CHECK(f != FMT_Q5 || !m.defined() || m.numel() == 0, "Q5 codes carry no mins");
       TORCH_CHECK(s.scalar_type() == at::kFloat && s.is_contiguous() && s.numel() == n * (k / g), "scales: float32 [n, k/group]");
       TORCH_CHECK(!m.defined() || m.numel() == 0 || (g == 32 && m.scalar_type() == at::kFloat && m.is_contiguous() && m.numel() == n * (k / 32)),
                   "mins: float32 [n, k/32]");
@@ -191,6 +226,13 @@ at::Tensor QW::dequant_rows(const at::Tensor& ids_in) const {
           orow[b * 32 + j] = mn ? lo + mn[b] : lo;
           orow[b * 32 + j + 16] = mn ? hi + mn[b] : hi;
         }
+    } else if (fmt == FMT_Q5) {
+      const uint8_t* c = codes.data_ptr<uint8_t>() + i * (k / 32 * 20);
+      for (int64_t b = 0; b < k / 32; ++b) {
+        int8_t q[32];
+        unpack_q5(c + b * 20, q);
+        for (int j = 0; j < 32; ++j) orow[b * 32 + j] = sc[b] * (float)q[j];
+      }
     } else {
       const int8_t* c = codes.data_ptr<int8_t>() + i * k;
       for (int64_t j = 0; j < k; ++j) {
@@ -208,7 +250,7 @@ struct QP {
   const float* sc = nullptr; const float* mn = nullptr;
   int64_t fmt = 0, group = 32, n = 0, k = 0;
   explicit QP(const QW& w) : fmt(w.fmt), group(w.group), n(w.n), k(w.k) {
-    if (fmt == FMT_Q4) c4 = w.codes.data_ptr<uint8_t>();
+    if (fmt == FMT_Q4 || fmt == FMT_Q5) c4 = w.codes.data_ptr<uint8_t>();
     else if (fmt == FMT_Q8) c8 = w.codes.data_ptr<int8_t>();
     else f = w.codes.data_ptr<float>();
     if (fmt != FMT_F32) sc = w.scales.data_ptr<float>();
@@ -430,6 +472,62 @@ static inline void kern_q8(const QP& w, const AP& a, int act, int64_t n, int64_t
   }
 }
 
+// One Q5 block for R rows. With int8 activations it is the Q4 block's arithmetic on the unsigned codes
+// q = 0..31 (the -16 comes back once per output as -16 * sum_b scale_b * sum(x_b), as Q4_0's -8d does as a
+// min): one unpack shared by the rows, then per row one unsigned-by-signed dot and one fma. With fp32
+// activations: the int8 block's arithmetic on q - 16.
+template <int R>
+static inline void block_q5(const uint8_t* cb, float scale, const AP& a, int act, int64_t r0, int64_t b, V8* acc) {
+  if (act == ACT_Q8) {
+    const int64_t K = a.k, B = K / 32;
+#if defined(KNNSSD_SCALAR)
+    int8_t q[32];
+    unpack_q5(cb, q);
+    int32_t qi[32];
+    for (int j = 0; j < 32; ++j) qi[j] = q[j] + 16;
+    const V8 s = vset1(scale);
+    for (int r = 0; r < R; ++r) {
+      V8 p = int_lanes(qi, a.q + (r0 + r) * K + b * 32);
+      acc[r] = vfma(p, vmul(s, vset1(a.d[(r0 + r) * B + b])), acc[r]);
+    }
+#else
+    const __m256i wq = unpack_q5_reg(cb);
+    const __m256i ones = _mm256_set1_epi16(1);
+    const __m256 s = _mm256_set1_ps(scale);
+    for (int r = 0; r < R; ++r) {  // block_q4's int8 path, operation for operation
+      const __m256i xa = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a.q + (r0 + r) * K + b * 32));
+      const __m256i p = dot_u8s8(wq, xa, ones);
+      acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_mul_ps(s, _mm256_set1_ps(a.d[(r0 + r) * B + b])), acc[r]);
+    }
+#endif
+    return;
+  }
+  alignas(32) int8_t q[32];
+  unpack_q5(cb, q);
+  block_q8<R>(q, scale, scale, 32, a, act, r0, b, acc);
+}
+
+template <int R>
+static inline void kern_q5(const QP& w, const AP& a, int act, int64_t n, int64_t r0, float* y, int64_t ys) {
+  const int64_t K = a.k, B = K / 32;
+  const uint8_t* c = w.c4 + n * (B * 20);
+  const float* sc = w.sc + n * B;
+  V8 acc0[R], acc1[R];
+  for (int r = 0; r < R; ++r) { acc0[r] = vzero(); acc1[r] = vzero(); }
+  int64_t b = 0;
+  for (; b + 2 <= B; b += 2) {
+    block_q5<R>(c + b * 20, sc[b], a, act, r0, b, acc0);
+    block_q5<R>(c + (b + 1) * 20, sc[b + 1], a, act, r0, b + 1, acc1);
+  }
+  if (b < B) block_q5<R>(c + b * 20, sc[b], a, act, r0, b, acc0);
+  for (int r = 0; r < R; ++r) {
+    float t = hsum(vadd(acc0[r], acc1[r]));
+    // -16 * (scale . sums) is exactly (-16 * scale) . sums: a power of two commutes with every rounding
+    if (act == ACT_Q8) t += -16.f * dot8(sc, a.s + (r0 + r) * B, B);
+    y[(r0 + r) * ys + n] = t;
+  }
+}
+
 static inline void kern_f32(const QP& w, const AP& a, int64_t n, int64_t r, float* y, int64_t ys) {
   y[r * ys + n] = dot8(w.f + n * a.k, a.x + r * a.k, a.k);
 }
@@ -453,6 +551,11 @@ static void matmul_into(const QW& qw, const Act& act_in, int act, float* y, int6
           for (; r + 3 <= M; r += 3) kern_q4<3>(w, a, act, n, r, y, ys);
           if (M - r == 2) kern_q4<2>(w, a, act, n, r, y, ys);
           else if (M - r == 1) kern_q4<1>(w, a, act, n, r, y, ys);
+        } else if (w.fmt == FMT_Q5) {  // tiles of 4: the unpack is shared by more rows (8 accumulators)
+          for (; r + 4 <= M; r += 4) kern_q5<4>(w, a, act, n, r, y, ys);
+          if (M - r == 3) kern_q5<3>(w, a, act, n, r, y, ys);
+          else if (M - r == 2) kern_q5<2>(w, a, act, n, r, y, ys);
+          else if (M - r == 1) kern_q5<1>(w, a, act, n, r, y, ys);
         } else {
           for (; r + 3 <= M; r += 3) kern_q8<3>(w, a, act, n, r, y, ys);
           if (M - r == 2) kern_q8<2>(w, a, act, n, r, y, ys);
@@ -699,6 +802,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.attr("FMT_Q4") = FMT_Q4;
   m.attr("FMT_Q8") = FMT_Q8;
   m.attr("FMT_F32") = FMT_F32;
+  m.attr("FMT_Q5") = FMT_Q5;
   m.attr("ACT_F32") = ACT_F32;
   m.attr("ACT_Q8") = ACT_Q8;
 }

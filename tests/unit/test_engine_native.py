@@ -73,15 +73,15 @@ def _weights(kind: str) -> Packed:
         return pack_dense(w, "q8_0")
     if kind == "q6_k":
         return pack_blocks("Q6_K", _random_blocks("Q6_K", 72, 256), 72, 256)
-    if kind == "q5_1":
-        return pack_blocks("Q5_1", _random_blocks("Q5_1", 72, 192), 72, 192)
+    if kind in ("q5_0", "q5_1"):
+        return pack_blocks(kind.upper(), _random_blocks(kind.upper(), 72, 192), 72, 192)
     return Packed(w, torch.empty(0), torch.empty(0), FMT_F32)
 
 
 BUILDS = ext.runnable_builds()  # scalar everywhere; avx2 and avx512 where the CPU runs them
 
 
-@pytest.mark.parametrize("kind", ["q4_1", "q8_0", "q6_k", "q5_1", "f32"])
+@pytest.mark.parametrize("kind", ["q4_1", "q8_0", "q6_k", "q5_0", "q5_1", "f32"])
 @pytest.mark.parametrize("act", [0, 1], ids=["f32-act", "q8-act"])
 @pytest.mark.parametrize("build", BUILDS)
 def test_kernel_rows_do_not_depend_on_how_many_rows_share_the_call(kind, act, build):
@@ -111,7 +111,7 @@ def test_each_build_names_itself(build):
 
 @pytest.mark.skipif(len(BUILDS) == 1, reason="this CPU runs the scalar build only")
 @pytest.mark.parametrize("build", BUILDS[1:])
-@pytest.mark.parametrize("kind", ["q4_1", "q8_0", "q6_k", "q5_1", "f32"])
+@pytest.mark.parametrize("kind", ["q4_1", "q8_0", "q6_k", "q5_0", "q5_1", "f32"])
 @pytest.mark.parametrize("act", [0, 1])
 def test_vector_and_scalar_builds_give_the_same_bits(kind, act, build):
     a, s = ext.load(build), ext.load("scalar")
