@@ -425,21 +425,27 @@ static inline void block_q8(const int8_t* cb, float sa, float sb, int64_t G, con
 #endif
 }
 
-// Output column n for rows r0..r0+R-1. Two accumulators per row (even and odd blocks) so consecutive
-// blocks do not wait on each other's fused multiply-add; summed in one fixed order at the end.
+// Output column n for rows r0..r0+R-1 (the kern_* below). Two accumulators per row (even and odd blocks)
+// so consecutive blocks do not wait on each other's fused multiply-add; summed in one fixed order at the
+// end. `blk(b, acc)` adds block b of every row into acc[R].
+template <int R, typename Block>
+static inline void accumulate_blocks(int64_t B, V8* acc0, V8* acc1, Block blk) {
+  for (int r = 0; r < R; ++r) { acc0[r] = vzero(); acc1[r] = vzero(); }
+  int64_t b = 0;
+  for (; b + 2 <= B; b += 2) {
+    blk(b, acc0);
+    blk(b + 1, acc1);
+  }
+  if (b < B) blk(b, acc0);
+}
+
 template <int R>
 static inline void kern_q4(const QP& w, const AP& a, int act, int64_t n, int64_t r0, float* y, int64_t ys) {
   const int64_t K = a.k, B = K / 32;
   const uint8_t* c = w.c4 + n * (K / 2);
   const float* sc = w.sc + n * B;
   V8 acc0[R], acc1[R];
-  for (int r = 0; r < R; ++r) { acc0[r] = vzero(); acc1[r] = vzero(); }
-  int64_t b = 0;
-  for (; b + 2 <= B; b += 2) {
-    block_q4<R>(c + b * 16, sc[b], a, act, r0, b, acc0);
-    block_q4<R>(c + (b + 1) * 16, sc[b + 1], a, act, r0, b + 1, acc1);
-  }
-  if (b < B) block_q4<R>(c + b * 16, sc[b], a, act, r0, b, acc0);
+  accumulate_blocks<R>(B, acc0, acc1, [&](int64_t b, V8* acc) { block_q4<R>(c + b * 16, sc[b], a, act, r0, b, acc); });
   const float* mn = w.mn ? w.mn + n * B : nullptr;
   for (int r = 0; r < R; ++r) {
     float t = hsum(vadd(acc0[r], acc1[r]));
@@ -454,16 +460,13 @@ static inline void kern_q8(const QP& w, const AP& a, int act, int64_t n, int64_t
   const int8_t* c = w.c8 + n * K;
   const float* sc = w.sc + n * (K / G);
   V8 acc0[R], acc1[R];
-  for (int r = 0; r < R; ++r) { acc0[r] = vzero(); acc1[r] = vzero(); }
   // scale per lane: group 32 -> one scale; group 16 -> lanes 0-3 (elements 0..15) and 4-7 (16..31)
-  auto sa = [&](int64_t bb) { return G == 32 ? sc[bb] : sc[2 * bb]; };
-  auto sb = [&](int64_t bb) { return G == 32 ? sc[bb] : sc[2 * bb + 1]; };
-  int64_t b = 0;
-  for (; b + 2 <= B; b += 2) {
-    block_q8<R>(c + b * 32, sa(b), sb(b), G, a, act, r0, b, acc0);
-    block_q8<R>(c + (b + 1) * 32, sa(b + 1), sb(b + 1), G, a, act, r0, b + 1, acc1);
-  }
-  if (b < B) block_q8<R>(c + b * 32, sa(b), sb(b), G, a, act, r0, b, acc0);
+  if (G == 32)
+    accumulate_blocks<R>(B, acc0, acc1, [&](int64_t b, V8* acc) { block_q8<R>(c + b * 32, sc[b], sc[b], 32, a, act, r0, b, acc); });
+  else
+    accumulate_blocks<R>(B, acc0, acc1, [&](int64_t b, V8* acc) {
+      block_q8<R>(c + b * 32, sc[2 * b], sc[2 * b + 1], 16, a, act, r0, b, acc);
+    });
   const float* mn = w.mn ? w.mn + n * B : nullptr;
   for (int r = 0; r < R; ++r) {
     float t = hsum(vadd(acc0[r], acc1[r]));
@@ -513,13 +516,7 @@ static inline void kern_q5(const QP& w, const AP& a, int act, int64_t n, int64_t
   const uint8_t* c = w.c4 + n * (B * 20);
   const float* sc = w.sc + n * B;
   V8 acc0[R], acc1[R];
-  for (int r = 0; r < R; ++r) { acc0[r] = vzero(); acc1[r] = vzero(); }
-  int64_t b = 0;
-  for (; b + 2 <= B; b += 2) {
-    block_q5<R>(c + b * 20, sc[b], a, act, r0, b, acc0);
-    block_q5<R>(c + (b + 1) * 20, sc[b + 1], a, act, r0, b + 1, acc1);
-  }
-  if (b < B) block_q5<R>(c + b * 20, sc[b], a, act, r0, b, acc0);
+  accumulate_blocks<R>(B, acc0, acc1, [&](int64_t b, V8* acc) { block_q5<R>(c + b * 20, sc[b], a, act, r0, b, acc); });
   for (int r = 0; r < R; ++r) {
     float t = hsum(vadd(acc0[r], acc1[r]));
     // -16 * (scale . sums) is exactly (-16 * scale) . sums: a power of two commutes with every rounding
