@@ -186,12 +186,12 @@ MUTANTS: tuple[Mutant, ...] = (
         "the Q4 kernel's 3-row tiles sum their two accumulators in another order than 1- and 2-row tiles "
         "(a row's value depends on how many rows the pass has: verify rows drift from plain's)",
         "engine/csrc/native.cpp",
-        """  if (b < B) block_q4<R>(c + b * 16, sc[b], a, act, r0, b, acc0);
+        """  accumulate_blocks<R>(B, acc0, acc1, [&](int64_t b, V8* acc) { block_q4<R>(c + b * 16, sc[b], a, act, r0, b, acc); });
   const float* mn = w.mn ? w.mn + n * B : nullptr;
   for (int r = 0; r < R; ++r) {
     float t = hsum(vadd(acc0[r], acc1[r]));
 """,
-        """  if (b < B) block_q4<R>(c + b * 16, sc[b], a, act, r0, b, acc0);
+        """  accumulate_blocks<R>(B, acc0, acc1, [&](int64_t b, V8* acc) { block_q4<R>(c + b * 16, sc[b], a, act, r0, b, acc); });
   const float* mn = w.mn ? w.mn + n * B : nullptr;
   for (int r = 0; r < R; ++r) {
     float t = R == 3 ? hsum(acc0[r]) + hsum(acc1[r]) : hsum(vadd(acc0[r], acc1[r]));  // MUTANT
