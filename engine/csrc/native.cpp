@@ -13,7 +13,7 @@
 // Weight formats (QW), all row-major over output rows n and input columns k, groups along k:
 //   FMT_Q4:  4-bit codes, group 32, byte j of a group holds element j (low nibble) and j+16 (high):
 //            w = scale[n,g] * q + min[n,g]  (GGUF Q4_1 as is; Q4_K's sub-blocks repacked)
-//   FMT_Q8:  int8 codes, group 16 or 32: w = scale[n,g] * q (+ min[n,g])  (Q8_0, Q5_0, Q5_1, Q6_K)
+//   FMT_Q8:  int8 codes, group 16 or 32: w = scale[n,g] * q (+ min[n,g])  (Q8_0, Q5_1, Q6_K)
 //   FMT_F32: fp32 weights (F32 / F16 tensors)
 //   FMT_Q5:  5-bit codes, group 32, 20 bytes a block: 16 bytes of nibbles as FMT_Q4, then 32 high bits
 //            (little-endian, bit j for element j): w = scale[n,g] * (q - 16)  (GGUF Q5_0; 0.75 bytes a
@@ -147,8 +147,9 @@ static inline float dot8(const float* a, const float* b, int64_t n) {
 // ---------------------------------------------------------------------------------------------------
 // Quantised weights.
 
-// One Q5 block (20 bytes) -> its 32 signed codes q - 16 in [-16, 15], in element order. Integers only, so
-// every build gives the same bytes.
+// One Q5 block (20 bytes) -> its 32 codes in element order: unsigned q in 0..31 in a register
+// (unpack_q5_reg), or signed q - 16 in [-16, 15] in memory (unpack_q5). Integers only, so every build gives
+// the same bytes.
 #if !defined(KNNSSD_SCALAR)
 static inline __m256i unpack_q5_reg(const uint8_t* cb) {
   const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(cb));
@@ -324,6 +325,32 @@ static inline __m256i dot_u8s8(__m256i u, __m256i s, __m256i ones16) {
 }
 #endif
 
+// Unsigned codes (0..15 or 0..31) of one block times every row's int8 activations, into acc[R]: the
+// int8-activation arithmetic the Q4 and Q5 blocks share, operation for operation.
+#if defined(KNNSSD_SCALAR)
+template <int R>
+static inline void rows_unsigned(const int32_t* qi, float scale, const AP& a, int64_t r0, int64_t b, V8* acc) {
+  const int64_t K = a.k, B = K / 32;
+  const V8 s = vset1(scale);
+  for (int r = 0; r < R; ++r) {
+    V8 p = int_lanes(qi, a.q + (r0 + r) * K + b * 32);
+    acc[r] = vfma(p, vmul(s, vset1(a.d[(r0 + r) * B + b])), acc[r]);
+  }
+}
+#else
+template <int R>
+static inline void rows_unsigned(__m256i wq, float scale, const AP& a, int64_t r0, int64_t b, V8* acc) {
+  const int64_t K = a.k, B = K / 32;
+  const __m256 s = _mm256_set1_ps(scale);
+  const __m256i ones = _mm256_set1_epi16(1);
+  for (int r = 0; r < R; ++r) {
+    const __m256i xa = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a.q + (r0 + r) * K + b * 32));
+    const __m256i p = dot_u8s8(wq, xa, ones);
+    acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_mul_ps(s, _mm256_set1_ps(a.d[(r0 + r) * B + b])), acc[r]);
+  }
+}
+#endif
+
 // One block of 32 codes for R rows, into acc[R]. Rows' operations are independent of R.
 template <int R>
 static inline void block_q4(const uint8_t* cb, float scale, const AP& a, int act, int64_t r0, int64_t b, V8* acc) {
@@ -342,10 +369,7 @@ static inline void block_q4(const uint8_t* cb, float scale, const AP& a, int act
       acc[r] = vfma(vadd(p, p2), s, acc[r]);
     }
   } else {
-    for (int r = 0; r < R; ++r) {
-      V8 p = int_lanes(qi, a.q + (r0 + r) * K + b * 32);
-      acc[r] = vfma(p, vmul(s, vset1(a.d[(r0 + r) * B + b])), acc[r]);
-    }
+    rows_unsigned<R>(qi, scale, a, r0, b, acc);
   }
 #else
   const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(cb));
@@ -364,13 +388,7 @@ static inline void block_q4(const uint8_t* cb, float scale, const AP& a, int act
       acc[r] = _mm256_fmadd_ps(_mm256_add_ps(p, p2), s, acc[r]);
     }
   } else {
-    const __m256i wq = _mm256_set_m128i(hi, lo);
-    const __m256i ones = _mm256_set1_epi16(1);
-    for (int r = 0; r < R; ++r) {
-      const __m256i xa = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a.q + (r0 + r) * K + b * 32));
-      const __m256i p = dot_u8s8(wq, xa, ones);
-      acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_mul_ps(s, _mm256_set1_ps(a.d[(r0 + r) * B + b])), acc[r]);
-    }
+    rows_unsigned<R>(_mm256_set_m128i(hi, lo), scale, a, r0, b, acc);
   }
 #endif
 }
@@ -482,26 +500,14 @@ static inline void kern_q8(const QP& w, const AP& a, int act, int64_t n, int64_t
 template <int R>
 static inline void block_q5(const uint8_t* cb, float scale, const AP& a, int act, int64_t r0, int64_t b, V8* acc) {
   if (act == ACT_Q8) {
-    const int64_t K = a.k, B = K / 32;
 #if defined(KNNSSD_SCALAR)
     int8_t q[32];
     unpack_q5(cb, q);
     int32_t qi[32];
-    for (int j = 0; j < 32; ++j) qi[j] = q[j] + 16;
-    const V8 s = vset1(scale);
-    for (int r = 0; r < R; ++r) {
-      V8 p = int_lanes(qi, a.q + (r0 + r) * K + b * 32);
-      acc[r] = vfma(p, vmul(s, vset1(a.d[(r0 + r) * B + b])), acc[r]);
-    }
+    for (int j = 0; j < 32; ++j) qi[j] = q[j] + 16;  // back to the unsigned code
+    rows_unsigned<R>(qi, scale, a, r0, b, acc);
 #else
-    const __m256i wq = unpack_q5_reg(cb);
-    const __m256i ones = _mm256_set1_epi16(1);
-    const __m256 s = _mm256_set1_ps(scale);
-    for (int r = 0; r < R; ++r) {  // block_q4's int8 path, operation for operation
-      const __m256i xa = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a.q + (r0 + r) * K + b * 32));
-      const __m256i p = dot_u8s8(wq, xa, ones);
-      acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_mul_ps(s, _mm256_set1_ps(a.d[(r0 + r) * B + b])), acc[r]);
-    }
+    rows_unsigned<R>(unpack_q5_reg(cb), scale, a, r0, b, acc);
 #endif
     return;
   }
