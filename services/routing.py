@@ -122,9 +122,14 @@ class RouterService:
 
     # ---------------------------------------------------------------- request path
 
-    async def route(self, *args: Any, **kwargs: Any) -> Routed:
-        """`route_sync`, with the same arguments, in a worker thread (routing embeds the prompt: it blocks)."""
-        return await asyncio.to_thread(self.route_sync, *args, **kwargs)
+    async def route(
+        self,
+        prompt: str | None = None,
+        messages: list[dict[str, Any]] | None = None,
+        tenant: str = "default",
+        index_version: str | None = None,
+    ) -> Routed:
+        return await asyncio.to_thread(self.route_sync, prompt, messages, tenant, index_version)
 
     def route_sync(
         self,
