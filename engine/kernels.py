@@ -161,7 +161,8 @@ class NativeLinear:
 
     def __init__(self, ext, parts: list, biases: list | None = None, act: int = 0):
         self.ext = ext
-        self.qw = [ext.QW(p.codes, p.scales, p.mins, p.fmt, p.group) for p in parts]
+        # a part is a `Packed` (tiled into a new QW here: a copy) or an existing QW, shared (a tied head)
+        self.qw = [p if isinstance(p, ext.QW) else ext.QW(p.codes, p.scales, p.mins, p.fmt, p.group) for p in parts]
         empty = torch.empty(0)
         self.biases = [empty if b is None else b.float().contiguous() for b in (biases or [None] * len(parts))]
         if all(b.numel() == 0 for b in self.biases):

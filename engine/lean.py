@@ -196,7 +196,9 @@ class LeanModel:
             else:
                 self.embed = None  # rows are dequantised from the packed embedding per pass
                 self.embed_native = NativeLinear(self.native, [self.packed["embed"]])
-                self.lm_head = NativeLinear(self.native, [self._head_packed()], act=self.act_mode)
+                # a tied head multiplies by the embedding's own tiles (the kernels' copy is made once)
+                head = self.embed_native.qw[0] if "head" not in self.packed else self.packed["head"]
+                self.lm_head = NativeLinear(self.native, [head], act=self.act_mode)
             self.rope = self._rope_tables(rotary if rotary is not None else rotary_module(config), cfg)
             if self.native is not None:  # [max_len, D/2, 2] (cos, sin) pairs for the C++ attention
                 self.rope_pairs = {k: torch.view_as_real(v).contiguous() for k, v in self.rope.items()}
@@ -221,6 +223,8 @@ class LeanModel:
                     lw.q_norm = self._norm(p + "self_attn.q_norm.weight")[perm].contiguous()
                     lw.k_norm = self._norm(p + "self_attn.k_norm.weight")[perm].contiguous()
                 self.layers.append(lw)
+            if self.packed is not None:  # the layers' QWs hold their own (tiled) copies; keep what heads reuse
+                self.packed = {k: v for k, v in self.packed.items() if k in ("embed", "head")}
         # Exact greedy argmax from an int8 head plus an fp32 recheck (engine.head): CPU fp32 only, where
         # the int8 kernel exists and the fp32 head rows can be read back.
         self.greedy_head = None

@@ -10,17 +10,18 @@
 // the code does not ask for) and no -ffast-math. The scalar build (KNNSSD_SCALAR) emulates the AVX2 build's
 // 8-lane order exactly, so both give bit-identical results (tested).
 //
-// Weight formats (QW), all row-major over output rows n and input columns k, groups along k:
+// Weight formats (QW), given in the row layout (row-major over output rows n and input columns k, groups
+// along k; engine/pack.py) and kept in tiles of 8 output rows (see "tiles" below):
 //   FMT_Q4:  4-bit codes, group 32, byte j of a group holds element j (low nibble) and j+16 (high):
 //            w = scale[n,g] * q + min[n,g]  (GGUF Q4_1 as is; Q4_K's sub-blocks repacked)
 //   FMT_Q8:  int8 codes, group 16 or 32: w = scale[n,g] * q (+ min[n,g])  (Q8_0, Q5_1, Q6_K)
-//   FMT_F32: fp32 weights (F32 / F16 tensors)
+//   FMT_F32: fp32 weights (F32 / F16 tensors), row-major as given
 //   FMT_Q5:  5-bit codes, group 32, 20 bytes a block: 16 bytes of nibbles as FMT_Q4, then 32 high bits
 //            (little-endian, bit j for element j): w = scale[n,g] * (q - 16)  (GGUF Q5_0; 0.75 bytes a
 //            weight against int8's 1.125, which is what Qwen2.5's Q4_K_M mostly stores)
-// Activations: ACT_F32 multiplies fp32 activations by the codes; ACT_Q8 first quantises each row's
-// activations per block of 32 to int8 (scale = max|x| / 127, as llama.cpp's Q8 blocks) and multiplies
-// integers (llama.cpp's scheme, ~1.6x faster here, ~5e-3 relative error per product).
+// Activations: ACT_Q8 first quantises each row's activations per block of 32 to int8 (scale = max|x| /
+// 127, as llama.cpp's Q8 blocks) and multiplies integers, 8 output columns a register (llama.cpp's scheme
+// and its repacked layout); ACT_F32 multiplies fp32 activations by the codes, one column at a time.
 
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
@@ -147,55 +148,57 @@ static inline float dot8(const float* a, const float* b, int64_t n) {
 // ---------------------------------------------------------------------------------------------------
 // Quantised weights.
 
-// One Q5 block (20 bytes) -> its 32 codes in element order: unsigned q in 0..31 in a register
-// (unpack_q5_reg), or signed q - 16 in [-16, 15] in memory (unpack_q5). Integers only, so every build gives
-// the same bytes.
-#if !defined(KNNSSD_SCALAR)
-static inline __m256i unpack_q5_reg(const uint8_t* cb) {
-  const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(cb));
-  const __m128i mask = _mm_set1_epi8(0x0F);
-  const __m256i nib = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(v, 4), mask), _mm_and_si128(v, mask));
-  // bit j of qh -> byte j (llama.cpp's bytes_from_bits_32): broadcast, pick byte j/8, test bit j%8
-  uint32_t qh;
-  std::memcpy(&qh, cb + 16, 4);
-  const __m256i shuf = _mm256_set_epi64x(0x0303030303030303, 0x0202020202020202, 0x0101010101010101, 0x0000000000000000);
-  __m256i bits = _mm256_shuffle_epi8(_mm256_set1_epi32((int)qh), shuf);
-  bits = _mm256_cmpeq_epi8(_mm256_or_si256(bits, _mm256_set1_epi64x(0x7fbfdfeff7fbfdfe)), _mm256_set1_epi64x(-1));
-  return _mm256_or_si256(nib, _mm256_and_si256(bits, _mm256_set1_epi8(0x10)));  // q in 0..31, unsigned
-}
-#endif
-
+// One Q5 block (20 bytes in the row layout: 16 bytes of nibbles, then 32 high bits) -> its 32 signed codes
+// q - 16 in element order. Integers only, so every build gives the same bytes.
 static inline void unpack_q5(const uint8_t* cb, int8_t* out) {
-#if defined(KNNSSD_SCALAR)
   uint32_t qh;
   std::memcpy(&qh, cb + 16, 4);
   for (int j = 0; j < 16; ++j) {
     out[j] = (int8_t)(((cb[j] & 15) | (((qh >> j) & 1) << 4)) - 16);
     out[j + 16] = (int8_t)(((cb[j] >> 4) | (((qh >> (j + 16)) & 1) << 4)) - 16);
   }
-#else
-  _mm256_storeu_si256(reinterpret_cast<__m256i*>(out), _mm256_sub_epi8(unpack_q5_reg(cb), _mm256_set1_epi8(16)));
-#endif
 }
 
+// Quantised weights are kept in tiles of TR = 8 output rows (as llama.cpp's repacked "8x8" layouts): for
+// each tile and block of 32 inputs, element group g (elements 4g..4g+3) of the 8 rows is 32 contiguous
+// bytes, row r's four codes at bytes 4r..4r+3. One 32-byte register then holds four codes of 8 rows, and
+// one unsigned-by-signed dot product against the activation's four bytes broadcast gives the 8 rows'
+// partial sums in 8 lanes: the unpacking is shared by 8 rows and no output needs a horizontal sum.
+//   Q4: 128 bytes a (tile, block). Chunk c (c = 0..3) holds each row's row-layout bytes 4c..4c+3, so its
+//       low nibbles are group c and its high nibbles group c + 4 (row-layout byte j holds elements j and
+//       j + 16).
+//   Q5: the Q4 nibbles, then 8 masks of 32 bits: bit 4r + j of mask g is the high bit of element 4g + j of
+//       row r (a mask expands to its group register's bytes in order).
+//   Q8: 256 bytes, group g at bytes 32g..32g+31.
+// Scales [tile, block, 32/group, 8] and mins [tile, block, 8]: one 8-lane load per (tile, block). Rows past
+// n in the last tile are zeros (codes, scales, mins) and never stored.
+constexpr int TR = 8;
+static inline int64_t tile_bytes(int64_t fmt) { return fmt == FMT_Q4 ? 128 : fmt == FMT_Q5 ? 160 : 256; }
+static inline int64_t row_block_bytes(int64_t fmt) { return fmt == FMT_Q4 ? 16 : fmt == FMT_Q5 ? 20 : 32; }
+
 struct QW {
-  at::Tensor codes, scales, mins;  // mins: empty when the format has none
-  int64_t fmt = FMT_F32, group = 32, n = 0, k = 0;
-  QW(at::Tensor c, at::Tensor s, at::Tensor m, int64_t f, int64_t g) : codes(c), scales(s), mins(m), fmt(f), group(g) {
+  at::Tensor codes, scales, mins;  // quantised: the tiles above; F32: [n, k] fp32. mins empty when none
+  int64_t fmt = FMT_F32, group = 32, n = 0, k = 0, tiles = 0;
+  // c, s, m in the row layout (engine/pack.py's Packed): row-major codes, scales [n, k/group], mins [n, k/32]
+  QW(at::Tensor c, at::Tensor s, at::Tensor m, int64_t f, int64_t g) : fmt(f), group(g) {
     TORCH_CHECK(c.is_contiguous() && c.dim() == 2, "codes must be a contiguous 2-D tensor");
     n = c.size(0);
     k = f == FMT_Q4 ? c.size(1) * 2 : f == FMT_Q5 ? c.size(1) / 20 * 32 : c.size(1);
     TORCH_CHECK(f != FMT_Q5 || c.size(1) % 20 == 0, "Q5 codes: 20 bytes a block of 32");
     if (f == FMT_F32) {
       TORCH_CHECK(c.scalar_type() == at::kFloat, "F32 weights must be float32");
-    } else {
-      TORCH_CHECK(k % 32 == 0, "quantised rows must be a multiple of 32 long");
-      TORCH_CHECK(g == 32 || (g == 16 && f == FMT_Q8), "group must be 32 (or 16 for int8 codes)");
-      TORCH_CHECK(f != FMT_Q5 || !m.defined() || m.numel() == 0, "Q5 codes carry no mins");
-      TORCH_CHECK(s.scalar_type() == at::kFloat && s.is_contiguous() && s.numel() == n * (k / g), "scales: float32 [n, k/group]");
-      TORCH_CHECK(!m.defined() || m.numel() == 0 || (g == 32 && m.scalar_type() == at::kFloat && m.is_contiguous() && m.numel() == n * (k / 32)),
-                  "mins: float32 [n, k/32]");
+      codes = c; scales = s; mins = m;
+      return;
     }
+    TORCH_CHECK(f == FMT_Q4 || f == FMT_Q5 || f == FMT_Q8, "unknown weight format ", f);
+    TORCH_CHECK(c.element_size() == 1, "quantised codes are bytes");
+    TORCH_CHECK(k % 32 == 0, "quantised rows must be a multiple of 32 long");
+    TORCH_CHECK(g == 32 || (g == 16 && f == FMT_Q8), "group must be 32 (or 16 for int8 codes)");
+    TORCH_CHECK(f != FMT_Q5 || !m.defined() || m.numel() == 0, "Q5 codes carry no mins");
+    TORCH_CHECK(s.scalar_type() == at::kFloat && s.is_contiguous() && s.numel() == n * (k / g), "scales: float32 [n, k/group]");
+    TORCH_CHECK(!m.defined() || m.numel() == 0 || (g == 32 && m.scalar_type() == at::kFloat && m.is_contiguous() && m.numel() == n * (k / 32)),
+                "mins: float32 [n, k/32]");
+    tile_from_rows(c, s, m);
   }
   bool has_mins() const { return mins.defined() && mins.numel() > 0; }
   int64_t nbytes() const {
@@ -203,6 +206,99 @@ struct QW {
   }
   // w[rows] in fp32: exactly scale * q + min, the GGUF dequantised values
   at::Tensor dequant_rows(const at::Tensor& ids) const;
+
+ private:
+  void tile_from_rows(const at::Tensor& c, const at::Tensor& s, const at::Tensor& m) {
+    const int64_t B = k / 32, TB = tile_bytes(fmt), RB = row_block_bytes(fmt), S = 32 / group;
+    tiles = (n + TR - 1) / TR;
+    codes = at::zeros({tiles, B * TB}, at::kByte);
+    scales = at::zeros({tiles, B * S * TR}, at::kFloat);
+    const bool hm = m.defined() && m.numel() > 0;
+    mins = hm ? at::zeros({tiles, B * TR}, at::kFloat) : at::empty({0}, at::kFloat);
+    const uint8_t* src = static_cast<const uint8_t*>(c.data_ptr());
+    const float* sp = s.data_ptr<float>();
+    const float* mp = hm ? m.data_ptr<float>() : nullptr;
+    uint8_t* dst = codes.data_ptr<uint8_t>();
+    float* sd = scales.data_ptr<float>();
+    float* md = hm ? mins.data_ptr<float>() : nullptr;
+    at::parallel_for(0, tiles, 16, [&](int64_t t0, int64_t t1) {
+      for (int64_t t = t0; t < t1; ++t)
+        for (int64_t r = 0; r < TR && t * TR + r < n; ++r) {
+          const int64_t row = t * TR + r;
+          for (int64_t b = 0; b < B; ++b) {
+            const uint8_t* rb = src + (row * B + b) * RB;
+            uint8_t* tb = dst + (t * B + b) * TB;
+            if (fmt == FMT_Q8) {
+              for (int g = 0; g < 8; ++g) std::memcpy(tb + 32 * g + 4 * r, rb + 4 * g, 4);
+            } else {
+              for (int ch = 0; ch < 4; ++ch) std::memcpy(tb + 32 * ch + 4 * r, rb + 4 * ch, 4);
+              if (fmt == FMT_Q5) {
+                uint32_t qh;
+                std::memcpy(&qh, rb + 16, 4);
+                for (int g = 0; g < 8; ++g) {
+                  uint32_t mk;
+                  std::memcpy(&mk, tb + 128 + 4 * g, 4);
+                  for (int j = 0; j < 4; ++j) mk |= ((qh >> (4 * g + j)) & 1u) << (4 * r + j);
+                  std::memcpy(tb + 128 + 4 * g, &mk, 4);
+                }
+              }
+            }
+            for (int64_t h = 0; h < S; ++h) sd[((t * B + b) * S + h) * TR + r] = sp[(row * B + b) * S + h];
+            if (md) md[(t * B + b) * TR + r] = mp[row * B + b];
+          }
+        }
+    });
+  }
+};
+
+// Raw pointers of one weight, taken once per product (data_ptr checks cost as much as a block's work).
+struct QP {
+  const uint8_t* tc = nullptr; const float* f = nullptr;
+  const float* sc = nullptr; const float* mn = nullptr;
+  int64_t fmt = 0, group = 32, n = 0, k = 0, tiles = 0, B = 0, S = 1, TB = 0;
+  explicit QP(const QW& w) : fmt(w.fmt), group(w.group), n(w.n), k(w.k), tiles(w.tiles), B(w.k / 32), S(32 / w.group) {
+    if (fmt == FMT_F32) { f = w.codes.data_ptr<float>(); return; }
+    tc = w.codes.data_ptr<uint8_t>();
+    TB = tile_bytes(fmt);
+    sc = w.scales.data_ptr<float>();
+    if (w.has_mins()) mn = w.mins.data_ptr<float>();
+  }
+  const uint8_t* tile_block(int64_t t, int64_t b) const { return tc + (t * B + b) * TB; }
+  float scale(int64_t row, int64_t b, int64_t h) const { return sc[((row / TR * B + b) * S + h) * TR + row % TR]; }
+  float min(int64_t row, int64_t b) const { return mn[(row / TR * B + b) * TR + row % TR]; }
+  // Block b of one row in the row layout (row_block_bytes: GGUF's byte order), rebuilt from its tile.
+  void row_block(int64_t row, int64_t b, uint8_t* out) const {
+    const int64_t r = row % TR;
+    const uint8_t* tb = tile_block(row / TR, b);
+    if (fmt == FMT_Q8) {
+      for (int g = 0; g < 8; ++g) std::memcpy(out + 4 * g, tb + 32 * g + 4 * r, 4);
+      return;
+    }
+    for (int ch = 0; ch < 4; ++ch) std::memcpy(out + 4 * ch, tb + 32 * ch + 4 * r, 4);
+    if (fmt == FMT_Q5) {
+      uint32_t qh = 0;
+      for (int g = 0; g < 8; ++g) {
+        uint32_t mk;
+        std::memcpy(&mk, tb + 128 + 4 * g, 4);
+        for (int j = 0; j < 4; ++j) qh |= ((mk >> (4 * r + j)) & 1u) << (4 * g + j);
+      }
+      std::memcpy(out + 16, &qh, 4);
+    }
+  }
+  // Block b of one row as 32 float codes in element order (Q5: q - 16); exact small integers.
+  void codes_f32(int64_t row, int64_t b, float* q) const {
+    uint8_t rb[32];
+    row_block(row, b, rb);
+    if (fmt == FMT_Q4) {
+      for (int j = 0; j < 16; ++j) { q[j] = (float)(rb[j] & 15); q[j + 16] = (float)(rb[j] >> 4); }
+    } else if (fmt == FMT_Q5) {
+      int8_t s[32];
+      unpack_q5(rb, s);
+      for (int j = 0; j < 32; ++j) q[j] = (float)s[j];
+    } else {
+      for (int j = 0; j < 32; ++j) q[j] = (float)(int8_t)rb[j];
+    }
+  }
 };
 
 at::Tensor QW::dequant_rows(const at::Tensor& ids_in) const {
@@ -211,62 +307,33 @@ at::Tensor QW::dequant_rows(const at::Tensor& ids_in) const {
   auto out = at::empty({R, k}, at::kFloat);
   const int64_t* ip = ids.data_ptr<int64_t>();
   float* o = out.data_ptr<float>();
+  const QP w(*this);
   for (int64_t r = 0; r < R; ++r) {
     const int64_t i = ip[r];
     TORCH_CHECK(i >= 0 && i < n, "row id out of range");
     float* orow = o + r * k;
-    if (fmt == FMT_F32) { std::memcpy(orow, codes.data_ptr<float>() + i * k, k * 4); continue; }
-    const float* sc = scales.data_ptr<float>() + i * (k / group);
-    const float* mn = has_mins() ? mins.data_ptr<float>() + i * (k / 32) : nullptr;
-    if (fmt == FMT_Q4) {
-      const uint8_t* c = codes.data_ptr<uint8_t>() + i * (k / 2);
-      for (int64_t b = 0; b < k / 32; ++b)
-        for (int j = 0; j < 16; ++j) {
-          const uint8_t byte = c[b * 16 + j];
-          float lo = sc[b] * (float)(byte & 15), hi = sc[b] * (float)(byte >> 4);
-          orow[b * 32 + j] = mn ? lo + mn[b] : lo;
-          orow[b * 32 + j + 16] = mn ? hi + mn[b] : hi;
-        }
-    } else if (fmt == FMT_Q5) {
-      const uint8_t* c = codes.data_ptr<uint8_t>() + i * (k / 32 * 20);
-      for (int64_t b = 0; b < k / 32; ++b) {
-        int8_t q[32];
-        unpack_q5(c + b * 20, q);
-        for (int j = 0; j < 32; ++j) orow[b * 32 + j] = sc[b] * (float)q[j];
-      }
-    } else {
-      const int8_t* c = codes.data_ptr<int8_t>() + i * k;
-      for (int64_t j = 0; j < k; ++j) {
-        float v = sc[j / group] * (float)c[j];
-        orow[j] = mn ? v + mn[j / 32] : v;
+    if (fmt == FMT_F32) { std::memcpy(orow, w.f + i * k, k * 4); continue; }
+    for (int64_t b = 0; b < k / 32; ++b) {
+      float q[32];
+      w.codes_f32(i, b, q);
+      for (int j = 0; j < 32; ++j) {
+        const float v = w.scale(i, b, j / group) * q[j];  // Q4 codes are 0..15, Q5 are q - 16 (GGUF's own forms)
+        orow[b * 32 + j] = has_mins() ? v + w.min(i, b) : v;
       }
     }
   }
   return out;
 }
 
-// Raw pointers of one weight, taken once per product (data_ptr checks cost as much as a block's work).
-struct QP {
-  const uint8_t* c4 = nullptr; const int8_t* c8 = nullptr; const float* f = nullptr;
-  const float* sc = nullptr; const float* mn = nullptr;
-  int64_t fmt = 0, group = 32, n = 0, k = 0;
-  explicit QP(const QW& w) : fmt(w.fmt), group(w.group), n(w.n), k(w.k) {
-    if (fmt == FMT_Q4 || fmt == FMT_Q5) c4 = w.codes.data_ptr<uint8_t>();
-    else if (fmt == FMT_Q8) c8 = w.codes.data_ptr<int8_t>();
-    else f = w.codes.data_ptr<float>();
-    if (fmt != FMT_F32) sc = w.scales.data_ptr<float>();
-    if (w.has_mins()) mn = w.mins.data_ptr<float>();
-  }
-};
-
 // Activations prepared once per product: fp32 rows, per-32 sums (for mins), and for ACT_Q8 int8 codes
-// with a scale per block of 32.
+// with a scale per block of 32 and the codes' exact sum per block.
 struct Act {
   const float* x = nullptr;
   int64_t m = 0, k = 0;
   std::vector<float> sums;   // [m, k/32]
   std::vector<int8_t> q;     // [m, k]
   std::vector<float> d;      // [m, k/32]
+  std::vector<int32_t> qs;   // [m, k/32]
 };
 
 static void prepare_act(Act& a, const float* x, int64_t m, int64_t k, int act, bool need_sums) {
@@ -279,169 +346,25 @@ static void prepare_act(Act& a, const float* x, int64_t m, int64_t k, int act, b
   if (act != ACT_Q8) return;
   a.q.resize(m * k);
   a.d.resize(m * B);
+  a.qs.resize(m * B);
   for (int64_t i = 0; i < m * B; ++i) {
     const float* xb = x + i * 32;
     float amax = 0.f;
     for (int j = 0; j < 32; ++j) amax = std::max(amax, std::fabs(xb[j]));
     const float dd = amax / 127.f, id = amax > 0.f ? 127.f / amax : 0.f;
     a.d[i] = dd;
-    for (int j = 0; j < 32; ++j) a.q[i * 32 + j] = (int8_t)std::nearbyint(xb[j] * id);
+    int32_t s = 0;
+    for (int j = 0; j < 32; ++j) s += a.q[i * 32 + j] = (int8_t)std::nearbyint(xb[j] * id);
+    a.qs[i] = s;
   }
 }
 
 // Raw pointers of prepared activations (the kernels must not reload vector internals per block).
 struct AP {
-  const float* x; const int8_t* q; const float* d; const float* s; int64_t k;
+  const float* x; const int8_t* q; const float* d; const float* s; const int32_t* qs; int64_t k;
   explicit AP(const Act& a) : x(a.x), q(a.q.empty() ? nullptr : a.q.data()), d(a.d.empty() ? nullptr : a.d.data()),
-                              s(a.sums.empty() ? nullptr : a.sums.data()), k(a.k) {}
+                              s(a.sums.empty() ? nullptr : a.sums.data()), qs(a.qs.empty() ? nullptr : a.qs.data()), k(a.k) {}
 };
-
-// ---- kernels: one output column n for R rows (R = 4 or 1; the same per-row operations either way) ----
-
-#if defined(KNNSSD_SCALAR)
-// int32 lanes of the AVX2 integer path: lane i sums products of elements 4i..4i+3 of a block of 32
-static inline V8 int_lanes(const int32_t* w, const int8_t* a) {
-  V8 r;
-  for (int i = 0; i < 8; ++i) {
-    int32_t s = 0;
-    for (int j = 0; j < 4; ++j) s += w[4 * i + j] * (int32_t)a[4 * i + j];
-    r.v[i] = (float)s;
-  }
-  return r;
-}
-#endif
-
-#if !defined(KNNSSD_SCALAR)
-// int32 lane i = sum of the four products u[4i..4i+3] * s[4i..4i+3] (u unsigned, s signed bytes). The
-// products here never saturate 16 bits (|u| <= 128, |s| <= 127: 2 * 16256 < 32767), so AVX2's two-step
-// maddubs + madd and AVX-512 VNNI's one dpbusd give the same exact integers: both builds, the same bits.
-static inline __m256i dot_u8s8(__m256i u, __m256i s, __m256i ones16) {
-#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
-  (void)ones16;
-  return _mm256_dpbusd_epi32(_mm256_setzero_si256(), u, s);
-#else
-  return _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), ones16);
-#endif
-}
-#endif
-
-// Unsigned codes (0..15 or 0..31) of one block times every row's int8 activations, into acc[R]: the
-// int8-activation arithmetic the Q4 and Q5 blocks share, operation for operation.
-#if defined(KNNSSD_SCALAR)
-template <int R>
-static inline void rows_unsigned(const int32_t* qi, float scale, const AP& a, int64_t r0, int64_t b, V8* acc) {
-  const int64_t K = a.k, B = K / 32;
-  const V8 s = vset1(scale);
-  for (int r = 0; r < R; ++r) {
-    V8 p = int_lanes(qi, a.q + (r0 + r) * K + b * 32);
-    acc[r] = vfma(p, vmul(s, vset1(a.d[(r0 + r) * B + b])), acc[r]);
-  }
-}
-#else
-template <int R>
-static inline void rows_unsigned(__m256i wq, float scale, const AP& a, int64_t r0, int64_t b, V8* acc) {
-  const int64_t K = a.k, B = K / 32;
-  const __m256 s = _mm256_set1_ps(scale);
-  const __m256i ones = _mm256_set1_epi16(1);
-  for (int r = 0; r < R; ++r) {
-    const __m256i xa = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a.q + (r0 + r) * K + b * 32));
-    const __m256i p = dot_u8s8(wq, xa, ones);
-    acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_mul_ps(s, _mm256_set1_ps(a.d[(r0 + r) * B + b])), acc[r]);
-  }
-}
-#endif
-
-// One block of 32 codes for R rows, into acc[R]. Rows' operations are independent of R.
-template <int R>
-static inline void block_q4(const uint8_t* cb, float scale, const AP& a, int act, int64_t r0, int64_t b, V8* acc) {
-  const int64_t K = a.k, B = K / 32;
-  const V8 s = vset1(scale);
-#if defined(KNNSSD_SCALAR)
-  float qf[32]; int32_t qi[32];
-  for (int j = 0; j < 16; ++j) { qi[j] = cb[j] & 15; qi[j + 16] = cb[j] >> 4; }
-  for (int j = 0; j < 32; ++j) qf[j] = (float)qi[j];
-  if (act == ACT_F32) {
-    V8 q0 = vload(qf), q1 = vload(qf + 8), q2 = vload(qf + 16), q3 = vload(qf + 24);
-    for (int r = 0; r < R; ++r) {
-      const float* xr = a.x + (r0 + r) * K + b * 32;
-      V8 p = vmul(q0, vload(xr)), p2 = vmul(q2, vload(xr + 16));
-      p = vfma(q1, vload(xr + 8), p); p2 = vfma(q3, vload(xr + 24), p2);
-      acc[r] = vfma(vadd(p, p2), s, acc[r]);
-    }
-  } else {
-    rows_unsigned<R>(qi, scale, a, r0, b, acc);
-  }
-#else
-  const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(cb));
-  const __m128i mask = _mm_set1_epi8(0x0F);
-  const __m128i lo = _mm_and_si128(v, mask), hi = _mm_and_si128(_mm_srli_epi16(v, 4), mask);
-  if (act == ACT_F32) {
-    const __m256 q0 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(lo));
-    const __m256 q1 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_unpackhi_epi64(lo, lo)));
-    const __m256 q2 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(hi));
-    const __m256 q3 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_unpackhi_epi64(hi, hi)));
-    for (int r = 0; r < R; ++r) {
-      const float* xr = a.x + (r0 + r) * K + b * 32;
-      __m256 p = _mm256_mul_ps(q0, _mm256_loadu_ps(xr)), p2 = _mm256_mul_ps(q2, _mm256_loadu_ps(xr + 16));
-      p = _mm256_fmadd_ps(q1, _mm256_loadu_ps(xr + 8), p);
-      p2 = _mm256_fmadd_ps(q3, _mm256_loadu_ps(xr + 24), p2);
-      acc[r] = _mm256_fmadd_ps(_mm256_add_ps(p, p2), s, acc[r]);
-    }
-  } else {
-    rows_unsigned<R>(_mm256_set_m128i(hi, lo), scale, a, r0, b, acc);
-  }
-#endif
-}
-
-template <int R>
-static inline void block_q8(const int8_t* cb, float sa, float sb, int64_t G, const AP& a, int act, int64_t r0, int64_t b, V8* acc) {
-  const int64_t K = a.k, B = K / 32;
-#if defined(KNNSSD_SCALAR)
-  float qf[32]; int32_t qi[32];
-  for (int j = 0; j < 32; ++j) { qi[j] = cb[j]; qf[j] = (float)cb[j]; }
-  V8 s; for (int i = 0; i < 8; ++i) s.v[i] = i < 4 ? sa : sb;
-  if (act == ACT_F32) {
-    V8 q0 = vload(qf), q1 = vload(qf + 8), q2 = vload(qf + 16), q3 = vload(qf + 24);
-    for (int r = 0; r < R; ++r) {
-      const float* xr = a.x + (r0 + r) * K + b * 32;
-      V8 p = vmul(q0, vload(xr)), p2 = vmul(q2, vload(xr + 16));
-      p = vfma(q1, vload(xr + 8), p); p2 = vfma(q3, vload(xr + 24), p2);
-      if (G == 32) acc[r] = vfma(vadd(p, p2), vset1(sa), acc[r]);
-      else { acc[r] = vfma(p, vset1(sa), acc[r]); acc[r] = vfma(p2, vset1(sb), acc[r]); }
-    }
-  } else {
-    for (int r = 0; r < R; ++r) {
-      V8 p = int_lanes(qi, a.q + (r0 + r) * K + b * 32);
-      acc[r] = vfma(p, vmul(s, vset1(a.d[(r0 + r) * B + b])), acc[r]);
-    }
-  }
-#else
-  if (act == ACT_F32) {
-    const __m256 q0 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(cb))));
-    const __m256 q1 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(cb + 8))));
-    const __m256 q2 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(cb + 16))));
-    const __m256 q3 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(cb + 24))));
-    for (int r = 0; r < R; ++r) {
-      const float* xr = a.x + (r0 + r) * K + b * 32;
-      __m256 p = _mm256_mul_ps(q0, _mm256_loadu_ps(xr)), p2 = _mm256_mul_ps(q2, _mm256_loadu_ps(xr + 16));
-      p = _mm256_fmadd_ps(q1, _mm256_loadu_ps(xr + 8), p);
-      p2 = _mm256_fmadd_ps(q3, _mm256_loadu_ps(xr + 24), p2);
-      if (G == 32) acc[r] = _mm256_fmadd_ps(_mm256_add_ps(p, p2), _mm256_set1_ps(sa), acc[r]);
-      else { acc[r] = _mm256_fmadd_ps(p, _mm256_set1_ps(sa), acc[r]); acc[r] = _mm256_fmadd_ps(p2, _mm256_set1_ps(sb), acc[r]); }
-    }
-  } else {
-    const __m256i wq = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(cb));
-    const __m256i wa = _mm256_sign_epi8(wq, wq);
-    const __m256i ones = _mm256_set1_epi16(1);
-    const __m256 s = _mm256_set_m128(_mm_set1_ps(sb), _mm_set1_ps(sa));
-    for (int r = 0; r < R; ++r) {
-      const __m256i xa = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a.q + (r0 + r) * K + b * 32));
-      const __m256i p = dot_u8s8(wa, _mm256_sign_epi8(xa, wq), ones);
-      acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_mul_ps(s, _mm256_set1_ps(a.d[(r0 + r) * B + b])), acc[r]);
-    }
-  }
-#endif
-}
 
 // Output column n for rows r0..r0+R-1 (the kern_* below). Two accumulators per row (even and odd blocks)
 // so consecutive blocks do not wait on each other's fused multiply-add; summed in one fixed order at the
@@ -457,76 +380,40 @@ static inline void accumulate_blocks(int64_t B, V8* acc0, V8* acc1, Block blk) {
   if (b < B) blk(b, acc0);
 }
 
+// ---- fp32 activations (native-f32): one output column n for R rows, on the row's blocks rebuilt from the
+// tiles; per row the same operations whatever R is ----
+
+// One block of 32 float codes for R rows, into acc[R]: scale sa (group 32), or sa for elements 0..15 and
+// sb for 16..31 (group 16).
 template <int R>
-static inline void kern_q4(const QP& w, const AP& a, int act, int64_t n, int64_t r0, float* y, int64_t ys) {
-  const int64_t K = a.k, B = K / 32;
-  const uint8_t* c = w.c4 + n * (K / 2);
-  const float* sc = w.sc + n * B;
-  V8 acc0[R], acc1[R];
-  accumulate_blocks<R>(B, acc0, acc1, [&](int64_t b, V8* acc) { block_q4<R>(c + b * 16, sc[b], a, act, r0, b, acc); });
-  const float* mn = w.mn ? w.mn + n * B : nullptr;
+static inline void f32_block(const float* q, float sa, float sb, int64_t G, const AP& a, int64_t r0, int64_t b, V8* acc) {
+  const int64_t K = a.k;
+  const V8 q0 = vload(q), q1 = vload(q + 8), q2 = vload(q + 16), q3 = vload(q + 24);
   for (int r = 0; r < R; ++r) {
-    float t = hsum(vadd(acc0[r], acc1[r]));
-    if (mn) t += dot8(mn, a.s + (r0 + r) * B, B);
-    y[(r0 + r) * ys + n] = t;
+    const float* xr = a.x + (r0 + r) * K + b * 32;
+    V8 p = vmul(q0, vload(xr)), p2 = vmul(q2, vload(xr + 16));
+    p = vfma(q1, vload(xr + 8), p);
+    p2 = vfma(q3, vload(xr + 24), p2);
+    if (G == 32) acc[r] = vfma(vadd(p, p2), vset1(sa), acc[r]);
+    else { acc[r] = vfma(p, vset1(sa), acc[r]); acc[r] = vfma(p2, vset1(sb), acc[r]); }
   }
 }
 
 template <int R>
-static inline void kern_q8(const QP& w, const AP& a, int act, int64_t n, int64_t r0, float* y, int64_t ys) {
-  const int64_t K = a.k, B = K / 32, G = w.group;
-  const int8_t* c = w.c8 + n * K;
-  const float* sc = w.sc + n * (K / G);
+static inline void kern_rows_f32(const QP& w, const AP& a, int64_t n, int64_t r0, float* y, int64_t ys) {
+  const int64_t B = w.B;
   V8 acc0[R], acc1[R];
-  // scale per lane: group 32 -> one scale; group 16 -> lanes 0-3 (elements 0..15) and 4-7 (16..31)
-  if (G == 32)
-    accumulate_blocks<R>(B, acc0, acc1, [&](int64_t b, V8* acc) { block_q8<R>(c + b * 32, sc[b], sc[b], 32, a, act, r0, b, acc); });
-  else
-    accumulate_blocks<R>(B, acc0, acc1, [&](int64_t b, V8* acc) {
-      block_q8<R>(c + b * 32, sc[2 * b], sc[2 * b + 1], 16, a, act, r0, b, acc);
-    });
-  const float* mn = w.mn ? w.mn + n * B : nullptr;
+  accumulate_blocks<R>(B, acc0, acc1, [&](int64_t b, V8* acc) {
+    alignas(32) float q[32];
+    w.codes_f32(n, b, q);
+    const float sa = w.scale(n, b, 0), sb = w.group == 16 ? w.scale(n, b, 1) : sa;
+    f32_block<R>(q, sa, sb, w.group, a, r0, b, acc);
+  });
+  std::vector<float> mrow;
+  if (w.mn) { mrow.resize(B); for (int64_t b = 0; b < B; ++b) mrow[b] = w.min(n, b); }
   for (int r = 0; r < R; ++r) {
     float t = hsum(vadd(acc0[r], acc1[r]));
-    if (mn) t += dot8(mn, a.s + (r0 + r) * B, B);
-    y[(r0 + r) * ys + n] = t;
-  }
-}
-
-// One Q5 block for R rows. With int8 activations it is the Q4 block's arithmetic on the unsigned codes
-// q = 0..31 (the -16 comes back once per output as -16 * sum_b scale_b * sum(x_b), as Q4_0's -8d does as a
-// min): one unpack shared by the rows, then per row one unsigned-by-signed dot and one fma. With fp32
-// activations: the int8 block's arithmetic on q - 16.
-template <int R>
-static inline void block_q5(const uint8_t* cb, float scale, const AP& a, int act, int64_t r0, int64_t b, V8* acc) {
-  if (act == ACT_Q8) {
-#if defined(KNNSSD_SCALAR)
-    int8_t q[32];
-    unpack_q5(cb, q);
-    int32_t qi[32];
-    for (int j = 0; j < 32; ++j) qi[j] = q[j] + 16;  // back to the unsigned code
-    rows_unsigned<R>(qi, scale, a, r0, b, acc);
-#else
-    rows_unsigned<R>(unpack_q5_reg(cb), scale, a, r0, b, acc);
-#endif
-    return;
-  }
-  alignas(32) int8_t q[32];
-  unpack_q5(cb, q);
-  block_q8<R>(q, scale, scale, 32, a, act, r0, b, acc);
-}
-
-template <int R>
-static inline void kern_q5(const QP& w, const AP& a, int act, int64_t n, int64_t r0, float* y, int64_t ys) {
-  const int64_t K = a.k, B = K / 32;
-  const uint8_t* c = w.c4 + n * (B * 20);
-  const float* sc = w.sc + n * B;
-  V8 acc0[R], acc1[R];
-  accumulate_blocks<R>(B, acc0, acc1, [&](int64_t b, V8* acc) { block_q5<R>(c + b * 20, sc[b], a, act, r0, b, acc); });
-  for (int r = 0; r < R; ++r) {
-    float t = hsum(vadd(acc0[r], acc1[r]));
-    // -16 * (scale . sums) is exactly (-16 * scale) . sums: a power of two commutes with every rounding
-    if (act == ACT_Q8) t += -16.f * dot8(sc, a.s + (r0 + r) * B, B);
+    if (w.mn) t += dot8(mrow.data(), a.s + (r0 + r) * B, B);
     y[(r0 + r) * ys + n] = t;
   }
 }
@@ -535,35 +422,189 @@ static inline void kern_f32(const QP& w, const AP& a, int64_t n, int64_t r, floa
   y[r * ys + n] = dot8(w.f + n * a.k, a.x + r * a.k, a.k);
 }
 
-// y[:, off:off+w.n] = x @ w.T (+ bias), y row stride ys. Threads split the output columns.
+// ---- int8 activations: one tile (8 output columns in 8 lanes) for R rows ----
+//
+// Integer part: per (tile, block, row) two int32 lanes per column, ia over elements 0..15 and ib over
+// 16..31 (Q6_K's two scales), exact. AVX2's maddubs + madd and AVX-512 VNNI's dpbusd give the same
+// integers: the unsigned operand is at most 128 and the signed one at most 127 in size, so the 16-bit pair
+// sums of maddubs never saturate (2 * 128 * 127 < 32767). Signed int8 codes (Q8) multiply as |w| by
+// sign(w) * x. Float part (kern_tile): the same lane operations in every build.
+#if defined(KNNSSD_SCALAR)
+struct I8 { int32_t v[8]; };
+static inline V8 itof(const I8& a) { V8 r; for (int i = 0; i < 8; ++i) r.v[i] = (float)a.v[i]; return r; }
+static inline I8 iadd(I8 a, const I8& b) { for (int i = 0; i < 8; ++i) a.v[i] += b.v[i]; return a; }
+static inline I8 isub1(I8 a, int32_t x) { for (int i = 0; i < 8; ++i) a.v[i] -= x; return a; }
+
+template <int FMT, int R>
+static inline void tile_ints(const uint8_t* tb, const int8_t* const* xb, I8* ia, I8* ib) {
+  for (int r = 0; r < R; ++r) for (int l = 0; l < 8; ++l) { ia[r].v[l] = 0; ib[r].v[l] = 0; }
+  for (int l = 0; l < 8; ++l)
+    for (int g = 0; g < 8; ++g) {
+      uint32_t mk = 0;
+      if (FMT == FMT_Q5) std::memcpy(&mk, tb + 128 + 4 * g, 4);
+      for (int j = 0; j < 4; ++j) {
+        int32_t q;
+        if (FMT == FMT_Q8) {
+          q = (int8_t)tb[32 * g + 4 * l + j];
+        } else {
+          const uint8_t byte = tb[32 * (g & 3) + 4 * l + j];
+          q = g < 4 ? byte & 15 : byte >> 4;
+          if (FMT == FMT_Q5) q |= (int32_t)((mk >> (4 * l + j)) & 1u) << 4;
+        }
+        for (int r = 0; r < R; ++r) (g < 4 ? ia[r] : ib[r]).v[l] += q * (int32_t)xb[r][4 * g + j];
+      }
+    }
+}
+#else
+using I8 = __m256i;
+static inline V8 itof(I8 a) { return _mm256_cvtepi32_ps(a); }
+static inline I8 iadd(I8 a, I8 b) { return _mm256_add_epi32(a, b); }
+static inline I8 isub1(I8 a, int32_t x) { return _mm256_sub_epi32(a, _mm256_set1_epi32(x)); }
+
+// acc + lane i: the four products u[4i..4i+3] * s[4i..4i+3] (u unsigned, s signed bytes)
+static inline I8 dot_add(I8 acc, __m256i u, __m256i s) {
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+  return _mm256_dpbusd_epi32(acc, u, s);
+#else
+  return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1)));
+#endif
+}
+
+static inline __m256i bcast4(const int8_t* p) {  // four activation bytes in every lane
+  int32_t v;
+  std::memcpy(&v, p, 4);
+  return _mm256_set1_epi32(v);
+}
+
+// 0x10 in byte i where bit i of the 32-bit mask at p is set: a Q5 group's high bits
+static inline __m256i high_bits(const uint8_t* p) {
+  uint32_t mk;
+  std::memcpy(&mk, p, 4);
+#if defined(__AVX512BW__) && defined(__AVX512VL__)
+  return _mm256_maskz_mov_epi8((__mmask32)mk, _mm256_set1_epi8(0x10));
+#else
+  const __m256i shuf = _mm256_set_epi64x(0x0303030303030303, 0x0202020202020202, 0x0101010101010101, 0x0000000000000000);
+  __m256i bits = _mm256_shuffle_epi8(_mm256_set1_epi32((int)mk), shuf);  // byte i <- mask byte i / 8
+  bits = _mm256_cmpeq_epi8(_mm256_or_si256(bits, _mm256_set1_epi64x(0x7fbfdfeff7fbfdfe)), _mm256_set1_epi64x(-1));
+  return _mm256_and_si256(bits, _mm256_set1_epi8(0x10));
+#endif
+}
+
+template <int FMT, int R>
+static inline void tile_ints(const uint8_t* tb, const int8_t* const* xb, I8* ia, I8* ib) {
+  for (int r = 0; r < R; ++r) { ia[r] = _mm256_setzero_si256(); ib[r] = _mm256_setzero_si256(); }
+  if constexpr (FMT == FMT_Q8) {
+    for (int g = 0; g < 8; ++g) {
+      const __m256i wq = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(tb + 32 * g));
+      const __m256i wa = _mm256_sign_epi8(wq, wq);
+      for (int r = 0; r < R; ++r) {
+        I8& acc = g < 4 ? ia[r] : ib[r];
+        acc = dot_add(acc, wa, _mm256_sign_epi8(bcast4(xb[r] + 4 * g), wq));
+      }
+    }
+  } else {
+    const __m256i mask = _mm256_set1_epi8(0x0F);
+    for (int c = 0; c < 4; ++c) {
+      const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(tb + 32 * c));
+      __m256i lo = _mm256_and_si256(v, mask), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), mask);
+      if constexpr (FMT == FMT_Q5) {
+        lo = _mm256_or_si256(lo, high_bits(tb + 128 + 4 * c));
+        hi = _mm256_or_si256(hi, high_bits(tb + 128 + 4 * (c + 4)));
+      }
+      for (int r = 0; r < R; ++r) {
+        ia[r] = dot_add(ia[r], lo, bcast4(xb[r] + 4 * c));
+        ib[r] = dot_add(ib[r], hi, bcast4(xb[r] + 16 + 4 * c));
+      }
+    }
+  }
+}
+#endif
+
+// Tile t (output columns 8t..8t+7) for rows r0..r0+R-1. Per block and row: the integer dot products of the
+// 8 columns, then acc = fma(float(isum), scale * d, acc) per lane, even and odd blocks in two accumulators;
+// mins add min * sum(x) per block in a third. Q5's codes are unsigned (0..31): the -16 comes back exactly
+// as -16 * (sum of the block's int8 activations), in integers. A column's operations are the same whatever
+// R is and whichever rows share the call (batch invariance).
+template <int FMT, int R>
+static inline void kern_tile(const QP& w, const AP& a, int64_t t, int64_t r0, float* y, int64_t ys) {
+  const int64_t K = a.k, B = w.B;
+  V8 accE[R], accO[R], accM[R];
+  for (int r = 0; r < R; ++r) { accE[r] = vzero(); accO[r] = vzero(); accM[r] = vzero(); }
+  const int8_t* xb[R];
+  for (int64_t b = 0; b < B; ++b) {
+    for (int r = 0; r < R; ++r) xb[r] = a.q + (r0 + r) * K + b * 32;
+    I8 ia[R], ib[R];
+    tile_ints<FMT, R>(w.tile_block(t, b), xb, ia, ib);
+    const float* st = w.sc + (t * B + b) * w.S * TR;
+    for (int r = 0; r < R; ++r) {
+      const V8 d = vset1(a.d[(r0 + r) * B + b]);
+      V8& acc = (b & 1) ? accO[r] : accE[r];
+      if (FMT == FMT_Q8 && w.S == 2) {
+        acc = vfma(itof(ia[r]), vmul(vload(st), d), acc);
+        acc = vfma(itof(ib[r]), vmul(vload(st + TR), d), acc);
+      } else {
+        I8 s = iadd(ia[r], ib[r]);
+        if (FMT == FMT_Q5) s = isub1(s, 16 * a.qs[(r0 + r) * B + b]);
+        acc = vfma(itof(s), vmul(vload(st), d), acc);
+      }
+      if (w.mn) accM[r] = vfma(vload(w.mn + (t * B + b) * TR), vset1(a.s[(r0 + r) * B + b]), accM[r]);
+    }
+  }
+  const int64_t lanes = std::min<int64_t>(TR, w.n - t * TR);
+  for (int r = 0; r < R; ++r) {
+    V8 o = vadd(accE[r], accO[r]);
+    if (w.mn) o = vadd(o, accM[r]);
+    alignas(32) float buf[8];
+    vstore(buf, o);
+    std::memcpy(y + (r0 + r) * ys + t * TR, buf, lanes * 4);
+  }
+}
+
+// Rows per kern_tile call: as many as the vector registers hold (AVX-512 has 32, AVX2 16).
+#if defined(__AVX512VL__) || defined(KNNSSD_SCALAR)
+constexpr int RT = 4;
+#else
+constexpr int RT = 2;
+#endif
+
+template <int FMT>
+static inline void tile_rows(const QP& w, const AP& a, int64_t t, int64_t M, float* y, int64_t ys) {
+  int64_t r = 0;
+  for (; r + RT <= M; r += RT) kern_tile<FMT, RT>(w, a, t, r, y, ys);
+  for (; r < M; ++r) kern_tile<FMT, 1>(w, a, t, r, y, ys);
+}
+
+// y[:, off:off+w.n] = x @ w.T (+ bias), y row stride ys. Threads split the output columns (whole tiles
+// with int8 activations).
 static void matmul_into(const QW& qw, const Act& act_in, int act, float* y, int64_t ys, const float* bias) {
   TORCH_CHECK(qw.k == act_in.k, "weight has ", qw.k, " inputs, activations ", act_in.k);
   const QP w(qw);
   const AP a(act_in);
   const int64_t M = act_in.m;
+  if (w.fmt != FMT_F32 && act == ACT_Q8) {
+    const int64_t grain = std::max<int64_t>(1, 512 / std::max<int64_t>(1, M * (w.k / 64)));
+    at::parallel_for(0, w.tiles, grain, [&](int64_t t0, int64_t t1) {
+      for (int64_t t = t0; t < t1; ++t) {
+        if (w.fmt == FMT_Q4) tile_rows<FMT_Q4>(w, a, t, M, y, ys);
+        else if (w.fmt == FMT_Q5) tile_rows<FMT_Q5>(w, a, t, M, y, ys);
+        else tile_rows<FMT_Q8>(w, a, t, M, y, ys);
+        if (bias)
+          for (int64_t r = 0; r < M; ++r)
+            for (int64_t n = t * TR; n < std::min<int64_t>(w.n, t * TR + TR); ++n) y[r * ys + n] += bias[n];
+      }
+    });
+    return;
+  }
   const int64_t grain = std::max<int64_t>(8, 4096 / std::max<int64_t>(1, M * (w.k / 64)));
   at::parallel_for(0, w.n, grain, [&](int64_t n0, int64_t n1) {
     for (int64_t n = n0; n < n1; ++n) {
       if (w.fmt == FMT_F32) {
         for (int64_t r = 0; r < M; ++r) kern_f32(w, a, n, r, y, ys);
-      } else {
-        // row tiles of 3 (two accumulators each: 6 of the 16 vector registers), then one of the 1-2 left;
-        // a row's arithmetic is the same in every tile
+      } else {  // row tiles of 3, then one of the 1-2 left; a row's arithmetic is the same in every tile
         int64_t r = 0;
-        if (w.fmt == FMT_Q4) {
-          for (; r + 3 <= M; r += 3) kern_q4<3>(w, a, act, n, r, y, ys);
-          if (M - r == 2) kern_q4<2>(w, a, act, n, r, y, ys);
-          else if (M - r == 1) kern_q4<1>(w, a, act, n, r, y, ys);
-        } else if (w.fmt == FMT_Q5) {  // tiles of 4: the unpack is shared by more rows (8 accumulators)
-          for (; r + 4 <= M; r += 4) kern_q5<4>(w, a, act, n, r, y, ys);
-          if (M - r == 3) kern_q5<3>(w, a, act, n, r, y, ys);
-          else if (M - r == 2) kern_q5<2>(w, a, act, n, r, y, ys);
-          else if (M - r == 1) kern_q5<1>(w, a, act, n, r, y, ys);
-        } else {
-          for (; r + 3 <= M; r += 3) kern_q8<3>(w, a, act, n, r, y, ys);
-          if (M - r == 2) kern_q8<2>(w, a, act, n, r, y, ys);
-          else if (M - r == 1) kern_q8<1>(w, a, act, n, r, y, ys);
-        }
+        for (; r + 3 <= M; r += 3) kern_rows_f32<3>(w, a, n, r, y, ys);
+        if (M - r == 2) kern_rows_f32<2>(w, a, n, r, y, ys);
+        else if (M - r == 1) kern_rows_f32<1>(w, a, n, r, y, ys);
       }
       if (bias) for (int64_t r = 0; r < M; ++r) y[r * ys + n] += bias[n];
     }
@@ -795,6 +836,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def_readonly("group", &QW::group)
       .def_readonly("n", &QW::n)
       .def_readonly("k", &QW::k)
+      .def_readonly("tiles", &QW::tiles)
       .def("nbytes", &QW::nbytes)
       .def("dequant_rows", &QW::dequant_rows);
   m.def("linear", &linear);

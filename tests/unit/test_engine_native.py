@@ -41,7 +41,7 @@ def test_packed_blocks_dequantise_to_exactly_the_gguf_values(ttype):
     from gguf import GGMLQuantizationType
     from gguf.quants import dequantize
 
-    n, k = 8, 512
+    n, k = 10, 512  # 10 rows: one whole tile of 8 in the kernels' layout and part of another
     raw = _random_blocks(ttype, n, k)
     packed = pack_blocks(ttype, raw, n, k)
     ref = torch.from_numpy(dequantize(raw, GGMLQuantizationType[ttype]).reshape(n, k).astype(np.float32))
@@ -64,29 +64,35 @@ def test_float_tensors_pack_as_themselves():
     assert torch.equal(h.dequantize(), w.half().float())
 
 
-def _weights(kind: str) -> Packed:
+def _weights(kind: str, n: int = 72) -> Packed:
+    """[n, 192] (q6_k: [n, 256]) weights; the kernels keep 8 output rows a tile, so n = 70 leaves a part tile."""
     g = torch.Generator().manual_seed(1)
-    w = torch.randn(72, 192, generator=g) * 0.05
+    w = torch.randn(n, 192, generator=g) * 0.05
     if kind == "q4_1":
         return pack_dense(w, "q4_1")
     if kind == "q8_0":
         return pack_dense(w, "q8_0")
     if kind == "q6_k":
-        return pack_blocks("Q6_K", _random_blocks("Q6_K", 72, 256), 72, 256)
-    if kind in ("q5_0", "q5_1"):
-        return pack_blocks(kind.upper(), _random_blocks(kind.upper(), 72, 192), 72, 192)
+        return pack_blocks("Q6_K", _random_blocks("Q6_K", n, 256), n, 256)
+    if kind in ("q5_0", "q5_1", "q4_0", "q4_k"):
+        k = 256 if kind == "q4_k" else 192
+        return pack_blocks(kind.upper(), _random_blocks(kind.upper(), n, k), n, k)
     return Packed(w, torch.empty(0), torch.empty(0), FMT_F32)
 
 
 BUILDS = ext.runnable_builds()  # scalar everywhere; avx2 and avx512 where the CPU runs them
 
 
-@pytest.mark.parametrize("kind", ["q4_1", "q8_0", "q6_k", "q5_0", "q5_1", "f32"])
+KINDS = ["q4_1", "q4_0", "q4_k", "q8_0", "q6_k", "q5_0", "q5_1", "f32"]
+
+
+@pytest.mark.parametrize("n", [72, 70])
+@pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("act", [0, 1], ids=["f32-act", "q8-act"])
 @pytest.mark.parametrize("build", BUILDS)
-def test_kernel_rows_do_not_depend_on_how_many_rows_share_the_call(kind, act, build):
+def test_kernel_rows_do_not_depend_on_how_many_rows_share_the_call(kind, act, build, n):
     mod = ext.load(build)
-    p = _weights(kind)
+    p = _weights(kind, n)
     qw = mod.QW(p.codes, p.scales, p.mins, p.fmt, p.group)
     k = p.shape[1]
     x = torch.randn(16, k, generator=torch.Generator().manual_seed(2))
@@ -111,11 +117,11 @@ def test_each_build_names_itself(build):
 
 @pytest.mark.skipif(len(BUILDS) == 1, reason="this CPU runs the scalar build only")
 @pytest.mark.parametrize("build", BUILDS[1:])
-@pytest.mark.parametrize("kind", ["q4_1", "q8_0", "q6_k", "q5_0", "q5_1", "f32"])
+@pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("act", [0, 1])
 def test_vector_and_scalar_builds_give_the_same_bits(kind, act, build):
     a, s = ext.load(build), ext.load("scalar")
-    p = _weights(kind)
+    p = _weights(kind, 70)
     x = torch.randn(7, p.shape[1])
     ya = a.linear(x, [a.QW(p.codes, p.scales, p.mins, p.fmt, p.group)], [], act)
     ys = s.linear(x, [s.QW(p.codes, p.scales, p.mins, p.fmt, p.group)], [], act)
