@@ -101,10 +101,11 @@ def http_counts(service, tenant: str) -> dict[str, float]:
     return out
 
 
-def wait_counts(service, tenant: str, total: int, timeout: float = 30) -> dict[str, float]:
+def wait_counts(service, tenant: str, total: int, timeout: float = 30, read=None) -> dict[str, float]:
+    """`tenant`'s counts by status (or what `read()` returns) once they add up to `total`, or at the deadline."""
     deadline = time.monotonic() + timeout
     while True:
-        counts = http_counts(service, tenant)
+        counts = read() if read else http_counts(service, tenant)
         if sum(counts.values()) >= total or time.monotonic() > deadline:
             return counts
         time.sleep(0.3)
@@ -171,6 +172,18 @@ def test_clients_that_leave_mid_body_or_mid_stream_count_as_499_without_a_traceb
     assert any(marker in p.read_text(errors="replace") for p in logs)
 
     n = 8
+    unchecked = http_counts(service, "-")
+
+    def left_mid_body() -> dict[str, float]:
+        """The mid-body clients' answers by status: those counted for their tenant, plus those counted for no
+        tenant since the test began. Under load a client can leave while the gateway still checks its key,
+        and a key not yet checked is nobody's (tenant "-"): beside a busy loop, 3 of 8 went there."""
+        out = dict(http_counts(service, "midbody"))
+        for status, v in http_counts(service, "-").items():
+            if v > unchecked.get(status, 0):
+                out[status] = out.get(status, 0) + v - unchecked.get(status, 0)
+        return out
+
     for i in range(n):  # headers announce 100 bytes, part of the body follows, then the client hangs up
         with socket.create_connection(("127.0.0.1", service["port"]), timeout=10) as s:
             s.sendall(post_head(service["keys"]["midbody"], 100) + b'{"model": "smo')
@@ -183,7 +196,7 @@ def test_clients_that_leave_mid_body_or_mid_stream_count_as_499_without_a_traceb
             assert s.recv(64).startswith(b"HTTP/1.1 200")
             time.sleep((0.0, 0.2, 0.5)[i % 3])
 
-    midbody = wait_counts(service, "midbody", n)
+    midbody = wait_counts(service, "midbody", n, read=left_mid_body)
     streams = wait_counts(service, "streams", n)
     print(f"\nmid-body disconnects by status: {midbody}; cut streams by status: {streams}")
     assert midbody == {"499": n}, midbody
